@@ -1,0 +1,46 @@
+"""pyro-vae: variational autoencoders in Pyro that are correct, fast and easy to bend.
+
+The public API::
+
+    from pyro_vae import load_config, load_splits, fit, evaluate, load_run
+
+    config = load_config("configs/default.toml", {"train.epochs": 5})
+    splits = load_splits(config.data.dataset, val_size=config.data.val_size)
+    result = fit(config, splits, run_dir="runs/demo")
+    vae = load_run("runs/demo")          # vae.model / vae.guide work with pyro.infer.SVI
+"""
+
+from .checkpoint import CheckpointError, load_checkpoint, load_run, save_checkpoint
+from .config import Config, ConfigError, load_config, save_config
+from .data import DataNotFoundError, ImageData, Splits, load_splits
+from .elbo import evaluate, importance_sampled, make_elbo, mean_elbo
+from .model import LATENT, OBSERVED, PLATE, VAE, build_vae
+from .train import FitResult, fit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "Config",
+    "ConfigError",
+    "DataNotFoundError",
+    "FitResult",
+    "ImageData",
+    "LATENT",
+    "OBSERVED",
+    "PLATE",
+    "Splits",
+    "VAE",
+    "build_vae",
+    "evaluate",
+    "fit",
+    "importance_sampled",
+    "load_checkpoint",
+    "load_config",
+    "load_run",
+    "load_splits",
+    "make_elbo",
+    "mean_elbo",
+    "save_checkpoint",
+    "save_config",
+]

@@ -1,0 +1,152 @@
+"""``pyro-vae``: a thin command line over config -> data -> fit -> evaluate -> plot.
+
+The only module that reads ``sys.argv``, lays out run folders and exits with a status.
+User errors (bad config, missing data, unusable checkpoint) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, load_run
+from .config import ConfigError, from_dict, load_config, parse_override
+from .data import DATA_ENV, DataNotFoundError, load_splits, prepare
+from .elbo import evaluate
+from .train import METRICS_NAME, fit
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _add_data_dir(parser):
+    parser.add_argument(
+        "--data-dir", metavar="DIR",
+        help=f"folder holding MNIST/raw/... (default: ${DATA_ENV}, else ./data, where it is downloaded if missing)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyro-vae", description="Train and evaluate variational autoencoders with Pyro.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a VAE from a config", description="Train a VAE; each epoch saves a checkpoint and a metrics line in the run folder.")
+    train.add_argument("--config", metavar="FILE", help="TOML config (default: the built-in defaults, as in configs/default.toml)")
+    train.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[],
+                       help="override one config key, e.g. --set model.z_dim=2 (repeatable; values are TOML literals or bare words)")
+    train.add_argument("--epochs", type=int, metavar="N", help="shorthand for --set train.epochs=N; with --resume, the total to reach")
+    train.add_argument("--seed", type=int, metavar="N", help="shorthand for --set train.seed=N")
+    train.add_argument("--train-limit", type=int, metavar="N", help="train on the first N training images only (shorthand for --set data.train_limit=N)")
+    train.add_argument("--out", metavar="RUN_DIR", help="run folder to create (default: runs/<config name>)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
+    train.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    _add_data_dir(train)
+
+    ev = commands.add_parser("evaluate", help="test ELBO and importance-sampled log-likelihood of a run",
+                             description="Print the test ELBO and log-likelihood (nats per image) as JSON and save it in the run folder.")
+    ev.add_argument("run_dir", metavar="RUN_DIR")
+    ev.add_argument("--num-samples", "-k", type=int, default=1000, metavar="K", help="importance samples per image (default 1000; papers use 5000)")
+    ev.add_argument("--limit", type=int, default=0, metavar="N", help="evaluate the first N test images only (default: all)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the importance samples (default 0)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_data_dir(ev)
+
+    plot = commands.add_parser("plot", help="write the figures of a run as PNG files", description="Reconstructions, prior samples, latent space, manifold (2-D z) and training curves, as PNG files in the run folder.")
+    plot.add_argument("run_dir", metavar="RUN_DIR")
+    _add_data_dir(plot)
+    return parser
+
+
+def _overrides(args) -> dict:
+    overrides = dict(parse_override(item) for item in args.set)
+    for key, value in (("train.epochs", args.epochs), ("train.seed", args.seed), ("data.train_limit", args.train_limit)):
+        if value is not None:
+            overrides[key] = value
+    return overrides
+
+
+def _train(args) -> int:
+    checkpoint = None
+    if args.resume:
+        if args.config or args.set or args.seed is not None or args.train_limit is not None or args.out:
+            raise ConfigError("--resume continues a run with its own config; only --epochs and --data-dir may be given with it")
+        run_dir = Path(args.resume)
+        checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME)
+        config = from_dict(checkpoint["config"])
+        if args.epochs is not None:
+            config = config.replace(**{"train.epochs": args.epochs})
+    else:
+        config = load_config(args.config, _overrides(args))
+        run_dir = Path(args.out) if args.out else Path("runs") / (Path(args.config).stem if args.config else "default")
+        if (run_dir / CHECKPOINT_NAME).exists():
+            raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+    splits = load_splits(config.data.dataset, args.data_dir, config.data.val_size, config.data.train_limit)
+    result = fit(config, splits, run_dir, checkpoint=checkpoint, progress=not args.quiet)
+    if not result.completed:
+        print(f"stopped; the state is saved. Continue with: pyro-vae train --resume {run_dir}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    last = result.history[-1] if result.history else {}
+    print(json.dumps({"run_dir": str(run_dir), **last}))
+    return 0
+
+
+def _evaluate(args) -> int:
+    import torch
+
+    vae = load_run(args.run_dir)
+    config = vae.config
+    splits = load_splits(config.data.dataset, args.data_dir, config.data.val_size)
+    test = prepare(splits.test, config.data.binarize)
+    images = test.images[: args.limit] if args.limit else test.images
+    torch.manual_seed(args.seed)
+    started = time.perf_counter()
+    result = evaluate(vae, images, num_samples=args.num_samples, progress=not args.quiet)
+    protocol = "grey values" if config.data.binarize == "none" else f"test images binarized once with seed 0 (training: {config.data.binarize} binarization)"
+    result.update({
+        "dataset": config.data.dataset,
+        "likelihood": config.model.likelihood,
+        "data_protocol": protocol,
+        "seconds": time.perf_counter() - started,
+        "seed": args.seed,
+    })
+    path = Path(args.run_dir) / f"evaluation_k{args.num_samples}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return 0
+
+
+def _plot(args) -> int:
+    from .plotting import make_figures
+
+    vae = load_run(args.run_dir)
+    config = vae.config
+    splits = load_splits(config.data.dataset, args.data_dir, config.data.val_size)
+    test = prepare(splits.test, config.data.binarize)
+    metrics = Path(args.run_dir) / METRICS_NAME
+    history = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    for name, figure in make_figures(vae, test.images, test.labels, history).items():
+        path = Path(args.run_dir) / f"{name}.png"
+        figure.savefig(path, dpi=110)
+        print(path)
+    return 0
+
+
+COMMANDS = {"train": _train, "evaluate": _evaluate, "plot": _plot}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, DataNotFoundError, CheckpointError) as error:
+        print(f"pyro-vae: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""Run configuration: four frozen dataclasses, read from TOML and overridden by ``--set``.
+
+A config is data, not code: every choice a user can make (dataset, architecture, likelihood,
+objective, schedule) is a name or a number here, checked once, before anything trains.
+Every error is a :class:`ConfigError` whose message is one line naming the key, the value
+and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+import tomli_w
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, or its value has the wrong type or is out of range."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "mnist"
+    #: "dynamic": a fresh Bernoulli draw of every pixel at every visit (Burda et al. 2015);
+    #: "static": one seeded draw; "none": grey values in [0, 1].
+    binarize: str = "dynamic"
+    #: Use only the first ``train_limit`` training images (0: all of them).
+    train_limit: int = 0
+    #: The last ``val_size`` images of the official training set form the validation split.
+    val_size: int = 10_000
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "mlp"
+    z_dim: int = 50
+    hidden_dim: int = 400
+    #: Hidden layers in each of the encoder and the decoder ("mlp" only).
+    num_layers: int = 1
+    likelihood: str = "bernoulli"
+    prior: str = "standard_normal"
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    #: "mc": Trace_ELBO (sampled KL); "analytic": TraceMeanField_ELBO (closed-form KL).
+    elbo: str = "mc"
+    #: Weight of the KL term (a beta-VAE for beta != 1), applied with poutine.scale.
+    beta: float = 1.0
+    num_particles: int = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 1e-3
+    #: "constant", or "cosine": decay from ``lr`` to ``lr * lr_final_ratio`` over the run.
+    lr_schedule: str = "constant"
+    lr_final_ratio: float = 0.1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **overrides) -> "Config":
+        """A copy with ``{"section.key": value}`` overrides applied and validated."""
+        return apply_overrides(self, overrides)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_SECTION_CLASSES = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "objective": ObjectiveConfig,
+    "train": TrainConfig,
+}
+
+
+def _choices() -> dict[str, list[str]]:
+    # Imported here: the registries live beside the code they name, and config must stay
+    # importable without pulling in torchvision at module import.
+    from .data import DATASETS
+    from .elbo import ELBOS
+    from .likelihoods import LIKELIHOODS
+    from .networks import ARCHITECTURES
+    from .priors import PRIORS
+
+    return {
+        "data.dataset": sorted(DATASETS),
+        "data.binarize": ["dynamic", "none", "static"],
+        "model.arch": sorted(ARCHITECTURES),
+        "model.likelihood": sorted(LIKELIHOODS),
+        "model.prior": sorted(PRIORS),
+        "objective.elbo": sorted(ELBOS),
+        "train.lr_schedule": ["constant", "cosine"],
+    }
+
+
+# (lower bound, whether the bound itself is allowed)
+_BOUNDS = {
+    "data.train_limit": (0, True),
+    "data.val_size": (1, True),
+    "model.z_dim": (1, True),
+    "model.hidden_dim": (1, True),
+    "model.num_layers": (1, True),
+    "objective.beta": (0.0, True),
+    "objective.num_particles": (1, True),
+    "train.epochs": (0, True),
+    "train.batch_size": (1, True),
+    "train.lr": (0.0, False),
+    "train.lr_final_ratio": (0.0, True),
+}
+
+
+def _check_type(key: str, value, expected):
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r}: expected true or false")
+        return value
+    if expected is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} = {value!r}: expected an integer")
+        return value
+    if expected is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} = {value!r}: expected a number")
+        return float(value)
+    if expected is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} = {value!r}: expected a string")
+        return value
+    raise TypeError(f"unsupported config type {expected} for {key}")  # a bug in this module
+
+
+def _check_value(key: str, value, choices: dict[str, list[str]]):
+    if key in choices and value not in choices[key]:
+        raise ConfigError(f"{key} = {value!r}: choose one of {choices[key]}")
+    if key in _BOUNDS:
+        low, inclusive = _BOUNDS[key]
+        if value < low or (value == low and not inclusive):
+            relation = ">=" if inclusive else ">"
+            raise ConfigError(f"{key} = {value!r}: must be {relation} {low}")
+
+
+def from_dict(raw: dict, base: Config | None = None) -> Config:
+    """Build a validated :class:`Config` from nested ``{section: {key: value}}``.
+
+    Keys absent from ``raw`` keep their value in ``base`` (the defaults if ``None``).
+    """
+    base = base or Config()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config is a table of sections {sorted(SECTIONS)}, got {raw!r}")
+    sections = {}
+    for name, cls in _SECTION_CLASSES.items():
+        given = raw.get(name, {})
+        if not isinstance(given, dict):
+            raise ConfigError(f"[{name}] must be a table of keys, got {given!r}")
+        hints = typing.get_type_hints(cls)
+        values = dataclasses.asdict(getattr(base, name))
+        for key, value in given.items():
+            if key not in hints:
+                raise ConfigError(
+                    f"unknown key {name}.{key}; [{name}] has keys {sorted(hints)}"
+                )
+            values[key] = _check_type(f"{name}.{key}", value, hints[key])
+        sections[name] = cls(**values)
+    unknown = sorted(set(raw) - set(_SECTION_CLASSES))
+    if unknown:
+        raise ConfigError(f"unknown section [{unknown[0]}]; sections are {sorted(SECTIONS)}")
+    config = Config(**sections)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Check every value against its allowed choices and range; raise :class:`ConfigError`."""
+    choices = _choices()
+    for section, values in config.to_dict().items():
+        for key, value in values.items():
+            _check_value(f"{section}.{key}", value, choices)
+    # Pyro's Bernoulli only accepts 0/1 observations; refusing here gives one clear line
+    # instead of a validation error deep inside the first SVI step.
+    from .likelihoods import LIKELIHOODS
+
+    accepts = LIKELIHOODS[config.model.likelihood].accepts
+    if accepts == "binary" and config.data.binarize == "none":
+        raise ConfigError(
+            f"model.likelihood = {config.model.likelihood!r} needs binary pixels but "
+            "data.binarize = 'none' gives grey values; set data.binarize to 'dynamic' or "
+            "'static', or choose a likelihood for grey data"
+        )
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """Parse ``section.key=value``; the value is read as a TOML literal, else as a string."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or key.count(".") != 1:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. model.z_dim=2")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()  # a bare word such as conv or static
+    return key, parsed
+
+
+def apply_overrides(config: Config, overrides: dict[str, object]) -> Config:
+    """Apply ``{"section.key": value}`` on top of ``config`` and validate the result."""
+    raw: dict[str, dict] = {}
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown key {key}; sections are {sorted(SECTIONS)}")
+        raw.setdefault(section, {})[name] = value
+    return from_dict(raw, base=config)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, object] | None = None) -> Config:
+    """Read a TOML config (defaults if ``path`` is None) and apply ``overrides``."""
+    raw = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
+    config = from_dict(raw)
+    return apply_overrides(config, overrides or {})
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(tomli_w.dumps(config.to_dict()))

@@ -1,0 +1,132 @@
+"""Figures: tensors in, ``matplotlib.figure.Figure`` out. No files, no training, no pyplot state.
+
+Figures are built with ``Figure()`` directly rather than ``pyplot``, so making them in a
+loop, a test or a headless job leaks nothing and needs no display backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from matplotlib.figure import Figure
+
+#: Digit classes get distinct, ordered colours.
+_CMAP = "tab10"
+
+
+def _tile(images: torch.Tensor, ncol: int) -> torch.Tensor:
+    """``(N, C, H, W)`` in [0, 1] -> one ``(rows*H, ncol*W[, C])`` canvas, 1-pixel gutters."""
+    n, c, h, w = images.shape
+    nrow = math.ceil(n / ncol)
+    canvas = torch.ones(c, nrow * (h + 1) - 1, ncol * (w + 1) - 1)
+    for i, image in enumerate(images.detach().cpu().clamp(0, 1)):
+        r, q = divmod(i, ncol)
+        canvas[:, r * (h + 1) : r * (h + 1) + h, q * (w + 1) : q * (w + 1) + w] = image
+    return canvas[0] if c == 1 else canvas.permute(1, 2, 0)
+
+
+def _show(ax, canvas: torch.Tensor, title: str | None = None):
+    ax.imshow(canvas.numpy(), cmap="gray" if canvas.dim() == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title)
+
+
+def plot_image_grid(images: torch.Tensor, title: str = "", ncol: int = 8) -> Figure:
+    """A grid of images ``(N, C, H, W)`` with values in [0, 1]."""
+    nrow = math.ceil(len(images) / ncol)
+    fig = Figure(figsize=(ncol * 0.8, nrow * 0.8 + 0.4), layout="constrained")
+    _show(fig.add_subplot(), _tile(images, ncol), title)
+    return fig
+
+
+def plot_reconstructions(inputs: torch.Tensor, reconstructions: torch.Tensor) -> Figure:
+    """Inputs (top row) above their reconstructions (bottom row); both ``(N, C, H, W)``."""
+    n = len(inputs)
+    fig = Figure(figsize=(n * 0.8, 2.2), layout="constrained")
+    top, bottom = fig.subplots(2, 1)
+    _show(top, _tile(inputs, n), "inputs")
+    _show(bottom, _tile(reconstructions, n), "reconstructions (mean of p(x|z) at z = E[z|x])")
+    return fig
+
+
+def plot_latent_scatter(points: torch.Tensor, labels: torch.Tensor, title: str, axis_labels=("z1", "z2")) -> Figure:
+    """Latent codes ``(N, 2)`` coloured by class label ``(N,)``."""
+    fig = Figure(figsize=(6, 5.2), layout="constrained")
+    ax = fig.add_subplot()
+    points, labels = points.detach().cpu(), labels.cpu()
+    scatter = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap=_CMAP, s=3, alpha=0.7, vmin=-0.5, vmax=9.5)
+    fig.colorbar(scatter, ax=ax, ticks=range(10), label="label")
+    ax.set_xlabel(axis_labels[0])
+    ax.set_ylabel(axis_labels[1])
+    ax.set_title(title)
+    return fig
+
+
+def plot_training_curves(history: list[dict]) -> Figure:
+    """Training loss and validation ELBO per epoch, from ``metrics.jsonl`` records."""
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.add_subplot()
+    epochs = [r["epoch"] for r in history]
+    ax.plot(epochs, [-r["train_loss"] for r in history], marker=".", label="train ELBO (-loss, running mean)")
+    ax.plot(epochs, [r["val_elbo"] for r in history], marker=".", label="validation ELBO")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("nats per image")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("training curves")
+    return fig
+
+
+def principal_components(z: torch.Tensor, k: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projection of ``z`` ``(N, D)`` on its first ``k`` principal components, and their variance share."""
+    centered = z - z.mean(0)
+    _, s, v = torch.linalg.svd(centered, full_matrices=False)
+    share = s.pow(2) / s.pow(2).sum()
+    return centered @ v[:k].T, share[:k]
+
+
+@torch.no_grad()
+def make_figures(vae, images: torch.Tensor, labels: torch.Tensor, history: list[dict], seed: int = 0) -> dict[str, Figure]:
+    """All figures of a run, by file stem: reconstructions, samples, latent space, manifold
+    (when z is 2-D) and training curves. ``images`` are held-out images as the model sees them.
+    """
+    torch.manual_seed(seed)
+    figures = {
+        "reconstructions": plot_reconstructions(images[:12], vae.reconstruct(images[:12])),
+        "samples": plot_image_grid(vae.sample_images(64), "samples: mean of p(x|z), z ~ p(z)"),
+    }
+    z_loc = torch.cat([vae.encode(images[i : i + 1000]).mean for i in range(0, min(len(images), 5000), 1000)])
+    shown = labels[: len(z_loc)]
+    if z_loc.shape[1] == 2:
+        figures["latent_space"] = plot_latent_scatter(z_loc, shown, "latent means E[z|x] of test images")
+        figures["manifold"] = plot_manifold(vae)
+    else:
+        projected, share = principal_components(z_loc)
+        figures["latent_space"] = plot_latent_scatter(
+            projected, shown, f"latent means E[z|x], first two principal components of {z_loc.shape[1]}",
+            (f"PC1 ({share[0]:.0%} of variance)", f"PC2 ({share[1]:.0%})"),
+        )
+    if history:
+        figures["training_curves"] = plot_training_curves(history)
+    return figures
+
+
+@torch.no_grad()
+def plot_manifold(vae, n: int = 15) -> Figure:
+    """Decoded means on an ``n x n`` grid of a 2-D latent space, at prior quantiles 5%..95%
+    (the grid follows the prior's probability mass, as in Kingma & Welling 2014, fig. 4).
+    """
+    prior = vae.prior()
+    if prior.event_shape != (2,):
+        raise ValueError(f"the manifold plot needs a 2-D latent space, got event shape {tuple(prior.event_shape)}")
+    quantiles = torch.linspace(0.05, 0.95, n)
+    grid = torch.distributions.Normal(0.0, 1.0).icdf(quantiles)
+    # rows go down the second latent, columns along the first
+    z = torch.stack(torch.meshgrid(grid, grid.flip(0), indexing="xy"), -1).reshape(-1, 2)
+    z = prior.mean + prior.stddev * z
+    images = vae.decode(z).mean
+    fig = Figure(figsize=(7, 7), layout="constrained")
+    _show(fig.add_subplot(), _tile(images, n), "latent manifold: mean of p(x|z) on a grid of z")
+    return fig
