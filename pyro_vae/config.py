@@ -60,7 +60,7 @@ class ObjectiveConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 30
+    epochs: int = 60
     batch_size: int = 256
     lr: float = 1e-3
     #: "constant", or "cosine": decay from ``lr`` to ``lr * lr_final_ratio`` over the run.

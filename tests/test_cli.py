@@ -1,0 +1,97 @@
+"""The command line as a user runs it: a subprocess, its exit status, stdout and stderr."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pyro_vae.checkpoint import CHECKPOINT_NAME
+
+
+def run(*args, env=None, cwd=None, timeout=600):
+    environment = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "pyro_vae", *args], capture_output=True, text=True,
+                          env=environment, cwd=cwd, timeout=timeout)
+
+
+def assert_one_line_error(result, *words):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 or lines[0].startswith("usage:"), result.stderr
+    for word in words:
+        assert word in result.stderr, result.stderr
+
+
+def test_help_explains_every_flag():
+    out = run("train", "--help").stdout
+    for flag in ("--config", "--set", "--epochs", "--seed", "--out", "--data-dir", "--train-limit", "--resume"):
+        assert flag in out
+    assert "evaluate" in run("--help").stdout
+    assert "--num-samples" in run("evaluate", "--help").stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--set", "model.zdim=2"], ["model.zdim", "z_dim"]),
+    (["--set", "model.arch=transformer"], ["model.arch", "transformer", "mlp"]),
+    (["--set", "train.lr=-1"], ["train.lr", "-1", "> 0"]),
+    (["--set", "objective.beta=lots"], ["objective.beta", "lots", "number"]),
+    (["--set", "nonsense"], ["section.key=value"]),
+    (["--set", "data.binarize=none"], ["bernoulli", "data.binarize"]),
+    (["--config", "no/such/file.toml"], ["does not exist"]),
+])
+def test_bad_config_one_line_exit_2(tmp_path, args, words):
+    assert_one_line_error(run("train", *args, "--out", str(tmp_path / "run")), *words)
+
+
+def test_bad_flag_value_is_a_usage_error():
+    result = run("train", "--epochs", "many")
+    assert result.returncode == 2 and "--epochs" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_data_folder(tmp_path):
+    missing = tmp_path / "nowhere"
+    result = run("train", "--data-dir", str(missing), "--out", str(tmp_path / "run"))
+    assert_one_line_error(result, str(missing / "MNIST" / "raw"), "train-images-idx3-ubyte")
+
+
+def test_corrupted_and_truncated_checkpoints(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / CHECKPOINT_NAME).write_bytes(b"PK\x03\x04 truncated zip")
+    assert_one_line_error(run("evaluate", str(run_dir)), "corrupted or truncated")
+    assert_one_line_error(run("train", "--resume", str(run_dir)), "corrupted or truncated")
+    assert_one_line_error(run("plot", str(tmp_path / "empty")), "no checkpoint")
+
+
+@pytest.mark.mnist
+def test_train_evaluate_plot_resume(tmp_path, mnist_dir):
+    run_dir = tmp_path / "run"
+    env = {"PYRO_VAE_DATA": str(mnist_dir)}
+    base = ["--set", "model.hidden_dim=64", "--set", "model.z_dim=2", "--set", "data.val_size=1000"]
+    trained = run("train", *base, "--epochs", "1", "--train-limit", "1000", "--out", str(run_dir), "--quiet", env=env)
+    assert trained.returncode == 0, trained.stderr
+    summary = json.loads(trained.stdout)
+    assert summary["epoch"] == 1 and summary["run_dir"] == str(run_dir)
+
+    again = run("train", *base, "--out", str(run_dir), env=env)
+    assert_one_line_error(again, "already holds a run", "--resume")
+
+    resumed = run("train", "--resume", str(run_dir), "--epochs", "2", "--quiet", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["epoch"] == 2
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+
+    evaluated = run("evaluate", str(run_dir), "-k", "20", "--limit", "300", "--quiet", env=env)
+    assert evaluated.returncode == 0, evaluated.stderr
+    result = json.loads(evaluated.stdout)
+    assert result == json.loads((run_dir / "evaluation_k20.json").read_text())
+    assert result["num_images"] == 300 and result["likelihood"] == "bernoulli"
+    assert result["test_log_likelihood"] >= result["test_elbo"]
+
+    plotted = run("plot", str(run_dir), env=env)
+    assert plotted.returncode == 0, plotted.stderr
+    for name in ("reconstructions", "samples", "latent_space", "manifold", "training_curves"):
+        assert (run_dir / f"{name}.png").stat().st_size > 1000

@@ -1,0 +1,86 @@
+from pathlib import Path
+
+import pytest
+
+from pyro_vae.config import Config, ConfigError, load_config, parse_override, save_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def test_default_config_file_matches_built_in_defaults():
+    assert load_config(CONFIGS / "default.toml") == Config()
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    load_config(path)
+
+
+def test_save_load_round_trip(tmp_path):
+    config = load_config(None, {"model.z_dim": 2, "objective.beta": 4.0, "data.binarize": "static"})
+    save_config(config, tmp_path / "c.toml")
+    assert load_config(tmp_path / "c.toml") == config
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("model.z_dim=2", ("model.z_dim", 2)),
+        ("train.lr=3e-4", ("train.lr", 3e-4)),
+        ("model.arch=conv", ("model.arch", "conv")),
+        ('model.arch="conv"', ("model.arch", "conv")),
+        ("objective.beta=4", ("objective.beta", 4)),
+    ],
+)
+def test_parse_override(text, expected):
+    assert parse_override(text) == expected
+
+
+def test_int_accepted_for_float():
+    assert load_config(None, {"objective.beta": 4}).objective.beta == 4.0
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"model.zdim": 2}, ["model.zdim", "z_dim"]),
+        ({"modle.z_dim": 2}, ["modle.z_dim", "sections"]),
+        ({"model.z_dim": "two"}, ["model.z_dim", "'two'", "integer"]),
+        ({"model.z_dim": 2.5}, ["model.z_dim", "integer"]),
+        ({"model.z_dim": 0}, ["model.z_dim", ">= 1"]),
+        ({"train.lr": 0}, ["train.lr", "> 0"]),
+        ({"objective.beta": -1}, ["objective.beta", ">= 0"]),
+        ({"model.arch": "transformer"}, ["model.arch", "'transformer'", "conv", "mlp"]),
+        ({"objective.elbo": "iwae"}, ["objective.elbo", "analytic", "mc"]),
+        ({"data.binarize": "yes"}, ["data.binarize", "dynamic", "static", "none"]),
+        ({"data.dataset": "cifar"}, ["data.dataset", "mnist"]),
+        ({"objective.num_particles": True}, ["objective.num_particles", "integer"]),
+        ({"data.binarize": "none"}, ["bernoulli", "binary", "data.binarize"]),
+    ],
+)
+def test_invalid_values_name_key_value_and_choices(overrides, words):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, overrides)
+    message = str(error.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_bad_toml_file(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[model\nz_dim = 2")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_unknown_section_in_file(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[optimizer]\nlr = 1.0\n")
+    with pytest.raises(ConfigError, match=r"unknown section \[optimizer\]"):
+        load_config(path)

@@ -1,0 +1,87 @@
+import pytest
+import torch
+
+from pyro_vae.data import (
+    DATA_ENV,
+    DataNotFoundError,
+    ImageData,
+    binarize,
+    binarize_once,
+    iterate_batches,
+    load_splits,
+    prepare,
+    resolve_data_dir,
+)
+
+
+def test_data_dir_order(monkeypatch, tmp_path):
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "env"))
+    assert resolve_data_dir(tmp_path / "flag") == (tmp_path / "flag", False)
+    assert resolve_data_dir(None) == (tmp_path / "env", False)
+    monkeypatch.delenv(DATA_ENV)
+    root, download = resolve_data_dir(None)
+    assert str(root) == "data" and download
+
+
+def test_missing_files_name_the_folder_and_files(tmp_path):
+    with pytest.raises(DataNotFoundError) as error:
+        load_splits("mnist", tmp_path)
+    message = str(error.value)
+    assert str(tmp_path / "MNIST" / "raw") in message
+    assert "train-images-idx3-ubyte" in message and "\n" not in message
+
+
+def test_binarize_is_binary_with_the_grey_value_as_mean():
+    grey = torch.rand(200, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    bits = binarize(grey, torch.Generator().manual_seed(1))
+    assert set(bits.unique().tolist()) <= {0.0, 1.0}
+    # mean of 12,800 Bernoulli draws: standard error <= 0.5 / sqrt(12800) ~ 0.0044
+    assert abs(bits.mean().item() - grey.mean().item()) < 4 * 0.0044
+
+
+def test_static_binarization_is_seeded():
+    data = ImageData(torch.rand(10, 1, 4, 4), torch.zeros(10))
+    assert torch.equal(binarize_once(data, 3).images, binarize_once(data, 3).images)
+    assert not torch.equal(binarize_once(data, 3).images, binarize_once(data, 4).images)
+    assert prepare(data, "none") is data
+    assert torch.equal(prepare(data, "dynamic").images, binarize_once(data).images)
+
+
+def test_batches_visit_every_image_once_and_resume_mid_epoch():
+    images = torch.arange(10.0).reshape(10, 1, 1, 1) / 10
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(10, generator=g)
+    batches = list(iterate_batches(images, 4, g, dynamic=False, order=order))
+    assert [step for step, _ in batches] == [0, 1, 2]
+    assert [len(b) for _, b in batches] == [4, 4, 2]
+    seen = torch.cat([b.flatten() for _, b in batches])
+    assert sorted((seen * 10).round().tolist()) == list(range(10))
+    resumed = list(iterate_batches(images, 4, g, dynamic=False, order=order, start=2))
+    assert len(resumed) == 1 and resumed[0][0] == 2 and torch.equal(resumed[0][1], batches[2][1])
+
+
+def test_dynamic_batches_are_fresh_draws():
+    images = torch.full((64, 1, 4, 4), 0.5)
+    g = torch.Generator().manual_seed(0)
+    order = torch.arange(64)
+    first = next(iterate_batches(images, 64, g, dynamic=True, order=order))[1]
+    second = next(iterate_batches(images, 64, g, dynamic=True, order=order))[1]
+    assert set(first.unique().tolist()) == {0.0, 1.0}
+    assert not torch.equal(first, second)
+
+
+@pytest.mark.mnist
+def test_mnist_splits(mnist):
+    assert (len(mnist.train), len(mnist.val), len(mnist.test)) == (50_000, 10_000, 10_000)
+    assert mnist.train.image_shape == (1, 28, 28)
+    assert mnist.train.images.dtype == torch.float32
+    assert mnist.train.images.min() >= 0 and mnist.train.images.max() <= 1
+    assert set(mnist.test.labels.unique().tolist()) == set(range(10))
+
+
+@pytest.mark.mnist
+def test_train_limit_takes_the_first_images(mnist_dir, mnist):
+    limited = load_splits("mnist", mnist_dir, train_limit=2000)
+    assert len(limited.train) == 2000
+    assert torch.equal(limited.train.images, mnist.train.images[:2000])
+    assert torch.equal(limited.val.images, mnist.val.images)

@@ -1,0 +1,52 @@
+"""Integration on real MNIST (PYRO_VAE_DATA): a 2,000-image subset, two short epochs."""
+
+import math
+
+import pytest
+
+from pyro_vae.checkpoint import load_checkpoint, load_run
+from pyro_vae.config import load_config
+from pyro_vae.data import Splits, prepare
+from pyro_vae.elbo import evaluate
+from pyro_vae.train import fit
+
+pytestmark = pytest.mark.mnist
+
+
+@pytest.fixture(scope="module")
+def subset(mnist):
+    return Splits(train=mnist.train.head(2000), val=mnist.val.head(2000), test=mnist.test)
+
+
+@pytest.fixture(scope="module")
+def config():
+    return load_config(None, {"train.epochs": 2, "train.batch_size": 100, "data.train_limit": 2000})
+
+
+def without_timing(history):
+    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second", "peak_memory_mb")} for r in history]
+
+
+def test_two_epochs_improve_the_validation_elbo(subset, config, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("mnist_run")
+    history = fit(config, subset, run_dir=run_dir, progress=False).history
+    assert history[1]["val_elbo"] > history[0]["val_elbo"]
+    assert -550 < history[0]["val_elbo"] < -100  # nats per 784-pixel binary image
+
+
+def test_interrupt_after_epoch_1_and_resume_equals_uninterrupted(subset, config, tmp_path):
+    full = fit(config, subset, progress=False).history
+    fit(config.replace(**{"train.epochs": 1}), subset, run_dir=tmp_path, progress=False)
+    resumed = fit(config, subset, run_dir=tmp_path, checkpoint=load_checkpoint(tmp_path), progress=False).history
+    assert without_timing(resumed) == without_timing(full)
+
+
+def test_evaluate_has_the_keys_and_sane_values(subset, config, tmp_path):
+    fit(config, subset, run_dir=tmp_path, progress=False)
+    vae = load_run(tmp_path)
+    test = prepare(subset.test, "dynamic")
+    result = evaluate(vae, test.images[:500], num_samples=50)
+    assert {"test_elbo", "test_log_likelihood", "num_samples", "num_images"} <= set(result)
+    assert math.isfinite(result["test_elbo"]) and math.isfinite(result["test_log_likelihood"])
+    assert result["test_elbo"] <= result["test_log_likelihood"] < 0
+    assert result["test_log_likelihood"] - result["test_elbo"] < 30

@@ -1,0 +1,148 @@
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+from torch.distributions import kl_divergence
+
+from pyro_vae.config import load_config
+from pyro_vae.model import LATENT, OBSERVED, build_vae
+from pyro_vae.networks import ARCHITECTURES
+
+IMAGE_SHAPE = (1, 12, 10)  # deliberately not square nor a multiple of 4
+
+
+def make_vae(arch="mlp", z_dim=4, image_shape=IMAGE_SHAPE, num_layers=1):
+    config = load_config(None, {"model.arch": arch, "model.z_dim": z_dim, "model.hidden_dim": 16,
+                                "model.num_layers": num_layers})
+    return build_vae(config.model, image_shape)
+
+
+def binary_batch(n=8, shape=IMAGE_SHAPE, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.bernoulli(torch.full((n, *shape), 0.3), generator=g)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("shape", [IMAGE_SHAPE, (1, 28, 28), (3, 16, 16)])
+def test_shapes(arch, shape):
+    vae = make_vae(arch, image_shape=shape)
+    x = binary_batch(5, shape)
+    q = vae.encode(x)
+    assert q.batch_shape == (5,) and q.event_shape == (4,)
+    p_x = vae.decode(q.rsample((3,)))  # extra sample dimension in front
+    assert p_x.batch_shape == (3, 5) and p_x.event_shape == shape
+    assert vae.prior().event_shape == (4,) and vae.prior().batch_shape == ()
+    assert vae.sample_images(6).shape == (6, *shape)
+    assert vae.reconstruct(x).shape == x.shape
+
+
+@pytest.mark.parametrize("num_layers", [1, 3])
+def test_mlp_depth(num_layers):
+    vae = make_vae(num_layers=num_layers)
+    linear = [m for m in vae.encoder.body if isinstance(m, torch.nn.Linear)]
+    assert len(linear) == num_layers
+
+
+def test_model_and_guide_share_the_latent_site():
+    vae = make_vae()
+    x = binary_batch()
+    guide_trace = poutine.trace(vae.guide).get_trace(x)
+    model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
+    assert guide_trace.nodes[LATENT]["value"] is model_trace.nodes[LATENT]["value"]
+    assert guide_trace.nodes[LATENT]["value"].shape == (8, 4)
+    assert model_trace.nodes[OBSERVED]["is_observed"]
+    for trace in (guide_trace, model_trace):
+        frames = trace.nodes[LATENT]["cond_indep_stack"]
+        assert [f.name for f in frames] == ["data"]
+
+
+@pytest.mark.parametrize("elbo", [Trace_ELBO(), TraceMeanField_ELBO()], ids=["mc", "analytic"])
+def test_elbo_is_finite_and_bodies_match_registered_programs(elbo):
+    vae = make_vae()
+    x = binary_batch()
+    pyro.set_rng_seed(1)
+    loss = elbo.differentiable_loss(vae.model, vae.guide, x)
+    pyro.set_rng_seed(1)
+    body_loss = elbo.differentiable_loss(vae.model_body, vae.guide_body, x)
+    assert torch.isfinite(loss)
+    assert loss.item() == body_loss.item()
+
+
+def test_same_seed_same_loss():
+    vae = make_vae()
+    x = binary_batch()
+    losses = []
+    for _ in range(2):
+        pyro.set_rng_seed(7)
+        losses.append(Trace_ELBO().loss(vae.model_body, vae.guide_body, x))
+    assert losses[0] == losses[1]
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 4.0])
+def test_beta_scales_exactly_the_kl_term(beta):
+    """With the analytic KL: loss(beta) - loss(1) = (beta - 1) * KL, for the same draw of z."""
+    vae = make_vae()
+    x = binary_batch()
+    elbo = TraceMeanField_ELBO()
+    losses = {}
+    for b in (1.0, beta):
+        pyro.set_rng_seed(3)
+        losses[b] = elbo.differentiable_loss(vae.model_body, vae.guide_body, x, beta=b)
+    kl = kl_divergence(vae.encode(x), vae.prior()).sum()
+    torch.testing.assert_close(losses[beta] - losses[1.0], (beta - 1) * kl, rtol=1e-5, atol=1e-3)
+    if beta == 0:
+        pyro.set_rng_seed(3)
+        z = vae.encode(x).rsample()
+        torch.testing.assert_close(losses[0.0], -vae.decode(z).log_prob(x).sum(), rtol=1e-6, atol=1e-3)
+
+
+def test_beta_scales_both_estimators_alike():
+    """Trace_ELBO's KL part (loss minus reconstruction, same z) also scales by beta."""
+    vae = make_vae()
+    x = binary_batch()
+
+    def parts(beta):
+        pyro.set_rng_seed(5)
+        loss = Trace_ELBO().differentiable_loss(vae.model_body, vae.guide_body, x, beta=beta)
+        pyro.set_rng_seed(5)
+        q = vae.encode(x)
+        z = q.rsample()
+        return loss + vae.decode(z).log_prob(x).sum(), (q.log_prob(z) - vae.prior().log_prob(z)).sum()
+
+    kl_term_4, sampled_kl = parts(4.0)
+    kl_term_1, _ = parts(1.0)
+    torch.testing.assert_close(kl_term_1, sampled_kl, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(kl_term_4, 4 * sampled_kl, rtol=1e-5, atol=1e-3)
+
+
+def test_bernoulli_on_grey_pixels_is_refused_by_pyro_validation():
+    vae = make_vae()
+    grey = torch.full((4, *IMAGE_SHAPE), 0.5)
+    with pytest.raises(ValueError, match="support|Expected value argument"):
+        Trace_ELBO().loss(vae.model_body, vae.guide_body, grey)
+
+
+def test_model_and_guide_train_with_pyro_svi():
+    """The contract: vae.model / vae.guide work with SVI and pyro.optim as they are."""
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    vae = make_vae()
+    x = binary_batch(64)
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    before = vae.decoder.out.weight.detach().clone()
+    losses = [svi.step(x) for _ in range(60)]
+    assert not torch.equal(before, vae.decoder.out.weight)
+    names = set(pyro.get_param_store().keys())
+    assert {"encoder$$$loc.weight", "decoder$$$out.weight"} <= names
+    assert sum(losses[-10:]) < sum(losses[:10])
+    pyro.clear_param_store()
+
+
+def test_prior_is_standard_normal():
+    vae = make_vae(z_dim=3)
+    prior = vae.prior()
+    assert isinstance(prior.base_dist, dist.Normal)
+    torch.testing.assert_close(prior.mean, torch.zeros(3))
+    torch.testing.assert_close(prior.stddev, torch.ones(3))

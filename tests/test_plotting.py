@@ -1,0 +1,48 @@
+import io
+
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from pyro_vae.config import load_config
+from pyro_vae.model import build_vae
+from pyro_vae.plotting import _tile, make_figures, plot_manifold, principal_components
+
+
+@pytest.mark.parametrize("z_dim, expected", [
+    (2, {"reconstructions", "samples", "latent_space", "manifold", "training_curves"}),
+    (5, {"reconstructions", "samples", "latent_space", "training_curves"}),
+])
+def test_make_figures(splits, z_dim, expected):
+    vae = build_vae(load_config(None, {"model.z_dim": z_dim, "model.hidden_dim": 8}).model, (1, 8, 8))
+    history = [{"epoch": 1, "train_loss": 50.0, "val_elbo": -48.0}, {"epoch": 2, "train_loss": 40.0, "val_elbo": -41.0}]
+    figures = make_figures(vae, splits.test.images, splits.test.labels, history)
+    assert set(figures) == expected
+    for figure in figures.values():
+        assert isinstance(figure, Figure)
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png")
+        assert buffer.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_manifold_needs_two_latent_dimensions():
+    vae = build_vae(load_config(None, {"model.z_dim": 3, "model.hidden_dim": 8}).model, (1, 8, 8))
+    with pytest.raises(ValueError, match="2-D"):
+        plot_manifold(vae)
+
+
+def test_tile_layout():
+    images = torch.rand(5, 1, 4, 3)
+    canvas = _tile(images, ncol=2)  # 3 rows of 2, 1-pixel gutters
+    assert canvas.shape == (3 * 5 - 1, 2 * 4 - 1)
+    assert torch.equal(canvas[:4, :3], images[0, 0])
+    assert _tile(torch.rand(2, 3, 4, 4), 2).shape == (4, 9, 3)
+
+
+def test_principal_components_find_the_dominant_direction():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2000, 4, generator=g) * torch.tensor([5.0, 1.0, 0.5, 0.1])
+    projected, share = principal_components(z)
+    assert projected.shape == (2000, 2)
+    assert share[0] > 0.9
+    assert abs(torch.corrcoef(torch.stack([projected[:, 0], z[:, 0]]))[0, 1]) > 0.99

@@ -1,0 +1,127 @@
+import json
+import math
+import signal
+
+import pytest
+import torch
+
+import pyro_vae.train as train_module
+from pyro_vae.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, load_run, save_checkpoint
+from pyro_vae.config import load_config
+from pyro_vae.train import METRICS_NAME, fit, learning_rate
+
+KEYS = {"epoch", "train_loss", "val_elbo", "seconds", "images_per_second"}
+
+
+def comparable(history):
+    """What must be equal between runs: everything but wall-clock measurements."""
+    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second", "peak_memory_mb")} for r in history]
+
+
+@pytest.mark.parametrize("elbo", ["mc", "analytic"])
+def test_fit_writes_metrics_checkpoint_and_config(tmp_path, splits, tiny_config, elbo):
+    config = tiny_config.replace(**{"objective.elbo": elbo})
+    result = fit(config, splits, run_dir=tmp_path, progress=False)
+    assert result.completed and len(result.history) == 2
+    lines = [json.loads(line) for line in (tmp_path / METRICS_NAME).read_text().splitlines()]
+    assert lines == result.history
+    for record in lines:
+        assert KEYS <= set(record)
+        assert all(math.isfinite(record[k]) for k in KEYS)
+    state = load_checkpoint(tmp_path)
+    assert state["epoch"] == 2 and state["config"] == config.to_dict()
+    assert (tmp_path / "config.toml").is_file()
+    assert not list(tmp_path.glob(".*.tmp"))  # the atomic write leaves no temporary file
+
+
+def test_training_improves_the_validation_elbo(splits, tiny_config):
+    result = fit(tiny_config.replace(**{"train.epochs": 6}), splits, progress=False)
+    assert result.history[-1]["val_elbo"] > result.history[0]["val_elbo"] + 1
+
+
+def test_same_seed_same_numbers(splits, tiny_config):
+    a = fit(tiny_config, splits, progress=False).history
+    b = fit(tiny_config, splits, progress=False).history
+    c = fit(tiny_config.replace(**{"train.seed": 1}), splits, progress=False).history
+    assert comparable(a) == comparable(b)
+    assert comparable(a) != comparable(c)
+
+
+@pytest.mark.parametrize("binarize", ["dynamic", "static"])
+def test_resume_at_epoch_boundary_equals_uninterrupted(tmp_path, splits, tiny_config, binarize):
+    config = tiny_config.replace(**{"train.epochs": 3, "data.binarize": binarize})
+    full = fit(config, splits, progress=False).history
+    fit(config.replace(**{"train.epochs": 1}), splits, run_dir=tmp_path, progress=False)
+    resumed = fit(config, splits, run_dir=tmp_path, checkpoint=load_checkpoint(tmp_path), progress=False)
+    assert comparable(resumed.history) == comparable(full)
+    lines = [json.loads(line) for line in (tmp_path / METRICS_NAME).read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3]
+
+
+def test_ctrl_c_mid_epoch_saves_and_resume_equals_uninterrupted(tmp_path, splits, tiny_config, monkeypatch):
+    config = tiny_config.replace(**{"train.epochs": 2})
+    full = fit(config, splits, progress=False).history
+
+    real_batches = train_module.iterate_batches
+
+    def interrupted_batches(*args, **kwargs):
+        for step, batch in real_batches(*args, **kwargs):
+            if step == 3:  # Ctrl-C arrives while the fourth step of the first epoch runs
+                signal.raise_signal(signal.SIGINT)
+            yield step, batch
+
+    monkeypatch.setattr(train_module, "iterate_batches", interrupted_batches)
+    stopped = fit(config, splits, run_dir=tmp_path, progress=False)
+    monkeypatch.setattr(train_module, "iterate_batches", real_batches)
+    assert not stopped.completed and stopped.history == []
+    state = load_checkpoint(tmp_path)
+    assert (state["epoch"], state["step"]) == (0, 4)  # the running step finished, then it stopped
+
+    resumed = fit(config, splits, run_dir=tmp_path, checkpoint=state, progress=False)
+    assert resumed.completed
+    assert comparable(resumed.history) == comparable(full)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_resume_extends_a_finished_run(tmp_path, splits, tiny_config):
+    fit(tiny_config, splits, run_dir=tmp_path, progress=False)
+    longer = tiny_config.replace(**{"train.epochs": 3})
+    result = fit(longer, splits, run_dir=tmp_path, checkpoint=load_checkpoint(tmp_path), progress=False)
+    assert [r["epoch"] for r in result.history] == [1, 2, 3]
+
+
+def test_load_run_restores_the_trained_model(tmp_path, splits, tiny_config):
+    result = fit(tiny_config, splits, run_dir=tmp_path, progress=False)
+    vae = load_run(tmp_path)
+    assert not vae.training and vae.config == tiny_config
+    for (name, a), (_, b) in zip(result.vae.state_dict().items(), vae.state_dict().items()):
+        assert torch.equal(a, b), name
+    x = splits.test.images[:4].round()
+    assert vae.encode(x).batch_shape == (4,)
+    assert vae.decode(vae.prior().sample((4,))).batch_shape == (4,)
+
+
+def test_corrupted_and_truncated_checkpoints_are_refused(tmp_path, splits, tiny_config):
+    fit(tiny_config, splits, run_dir=tmp_path, progress=False)
+    path = tmp_path / CHECKPOINT_NAME
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupted or truncated"):
+        load_checkpoint(path)
+    path.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="corrupted or truncated"):
+        load_run(tmp_path)
+    save_checkpoint({"weights": torch.zeros(2)}, path)
+    with pytest.raises(CheckpointError, match="not a pyro-vae checkpoint"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "elsewhere")
+
+
+def test_cosine_schedule():
+    config = load_config(None, {"train.lr": 1e-3, "train.lr_schedule": "cosine", "train.lr_final_ratio": 0.1, "train.epochs": 11})
+    assert learning_rate(config, 0) == pytest.approx(1e-3)
+    assert learning_rate(config, 5) == pytest.approx(0.55e-3)
+    assert learning_rate(config, 10) == pytest.approx(1e-4)
+    constant = config.replace(**{"train.lr_schedule": "constant"})
+    assert learning_rate(constant, 7) == 1e-3
