@@ -11,7 +11,6 @@ PYTEST_ARGS ?=
 # Re-install when the dependency list or the pinned versions change.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install -c constraints.txt -e '.[dev]'
 	touch $@
 

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override one config key, e.g. --set model.z_dim=2 (repeatable; values are TOML literals or bare words)")
     train.add_argument("--epochs", type=int, metavar="N", help="shorthand for --set train.epochs=N; with --resume, the total to reach")
     train.add_argument("--seed", type=int, metavar="N", help="shorthand for --set train.seed=N")
+    train.add_argument("--likelihood", metavar="NAME", help="shorthand for --set model.likelihood=NAME")
+    train.add_argument("--prior", metavar="NAME", help="shorthand for --set model.prior=NAME")
+    train.add_argument("--beta", type=float, metavar="B", help="shorthand for --set objective.beta=B")
     train.add_argument("--train-limit", type=int, metavar="N", help="train on the first N training images only (shorthand for --set data.train_limit=N)")
     train.add_argument("--out", metavar="RUN_DIR", help="run folder to create (default: runs/<config name>)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
@@ -62,9 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _shorthands(args):
+    return (
+        ("train.epochs", args.epochs), ("train.seed", args.seed), ("data.train_limit", args.train_limit),
+        ("model.likelihood", args.likelihood), ("model.prior", args.prior), ("objective.beta", args.beta),
+    )
+
+
 def _overrides(args) -> dict:
     overrides = dict(parse_override(item) for item in args.set)
-    for key, value in (("train.epochs", args.epochs), ("train.seed", args.seed), ("data.train_limit", args.train_limit)):
+    for key, value in _shorthands(args):
         if value is not None:
             overrides[key] = value
     return overrides
@@ -73,7 +83,7 @@ def _overrides(args) -> dict:
 def _train(args) -> int:
     checkpoint = None
     if args.resume:
-        if args.config or args.set or args.seed is not None or args.train_limit is not None or args.out:
+        if args.config or args.out or any(v is not None for k, v in _shorthands(args) if k != "train.epochs") or args.set:
             raise ConfigError("--resume continues a run with its own config; only --epochs and --data-dir may be given with it")
         run_dir = Path(args.resume)
         checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME)
@@ -95,13 +105,18 @@ def _train(args) -> int:
     return 0
 
 
-def _evaluate(args) -> int:
-    import torch
-
+def _trained_and_test(args):
+    """The run's VAE and the test images as it sees them (binarized once, seed 0, if binarized)."""
     vae = load_run(args.run_dir)
     config = vae.config
     splits = load_splits(config.data.dataset, args.data_dir, config.data.val_size)
-    test = prepare(splits.test, config.data.binarize)
+    return vae, config, prepare(splits.test, config.data.binarize)
+
+
+def _evaluate(args) -> int:
+    import torch
+
+    vae, config, test = _trained_and_test(args)
     images = test.images[: args.limit] if args.limit else test.images
     torch.manual_seed(args.seed)
     started = time.perf_counter()
@@ -110,6 +125,8 @@ def _evaluate(args) -> int:
     result.update({
         "dataset": config.data.dataset,
         "likelihood": config.model.likelihood,
+        "likelihood_options": config.model.likelihood_options,
+        "prior": config.model.prior,
         "data_protocol": protocol,
         "seconds": time.perf_counter() - started,
         "seed": args.seed,
@@ -123,10 +140,7 @@ def _evaluate(args) -> int:
 def _plot(args) -> int:
     from .plotting import make_figures
 
-    vae = load_run(args.run_dir)
-    config = vae.config
-    splits = load_splits(config.data.dataset, args.data_dir, config.data.val_size)
-    test = prepare(splits.test, config.data.binarize)
+    vae, _, test = _trained_and_test(args)
     metrics = Path(args.run_dir) / METRICS_NAME
     history = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     for name, figure in make_figures(vae, test.images, test.labels, history).items():

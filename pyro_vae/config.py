@@ -46,7 +46,11 @@ class ModelConfig:
     #: Hidden layers in each of the encoder and the decoder ("mlp" only).
     num_layers: int = 1
     likelihood: str = "bernoulli"
+    #: Keyword options of the likelihood, e.g. {scale = 0.1} for "gaussian".
+    likelihood_options: dict = field(default_factory=dict)
     prior: str = "standard_normal"
+    #: Keyword options of the prior, e.g. {num_components = 50} for "mixture" and "vamp".
+    prior_options: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,11 @@ class ObjectiveConfig:
     elbo: str = "mc"
     #: Weight of the KL term (a beta-VAE for beta != 1), applied with poutine.scale.
     beta: float = 1.0
+    #: "constant"; "warmup": linear from 0 to beta over beta_epochs epochs; "cyclical": cycles
+    #: of beta_epochs epochs, rising linearly for the first beta_ramp of each (Fu et al. 2019).
+    beta_schedule: str = "constant"
+    beta_epochs: int = 10
+    beta_ramp: float = 0.5
     num_particles: int = 1
 
 
@@ -109,6 +118,7 @@ def _choices() -> dict[str, list[str]]:
         "model.likelihood": sorted(LIKELIHOODS),
         "model.prior": sorted(PRIORS),
         "objective.elbo": sorted(ELBOS),
+        "objective.beta_schedule": ["constant", "cyclical", "warmup"],
         "train.lr_schedule": ["constant", "cosine"],
     }
 
@@ -122,6 +132,8 @@ _BOUNDS = {
     "model.num_layers": (1, True),
     "objective.beta": (0.0, True),
     "objective.num_particles": (1, True),
+    "objective.beta_epochs": (1, True),
+    "objective.beta_ramp": (0.0, False),
     "train.epochs": (0, True),
     "train.batch_size": (1, True),
     "train.lr": (0.0, False),
@@ -146,6 +158,10 @@ def _check_type(key: str, value, expected):
         if not isinstance(value, str):
             raise ConfigError(f"{key} = {value!r}: expected a string")
         return value
+    if expected is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} = {value!r}: expected a table of options, e.g. {{scale = 0.1}}")
+        return dict(value)
     raise TypeError(f"unsupported config type {expected} for {key}")  # a bug in this module
 
 
@@ -175,11 +191,15 @@ def from_dict(raw: dict, base: Config | None = None) -> Config:
         hints = typing.get_type_hints(cls)
         values = dataclasses.asdict(getattr(base, name))
         for key, value in given.items():
-            if key not in hints:
+            key, _, option = key.partition(".")  # "prior_options.num_components" from --set
+            if key not in hints or (option and hints[key] is not dict):
                 raise ConfigError(
-                    f"unknown key {name}.{key}; [{name}] has keys {sorted(hints)}"
+                    f"unknown key {name}.{key}{'.' + option if option else ''}; [{name}] has keys {sorted(hints)}"
                 )
-            values[key] = _check_type(f"{name}.{key}", value, hints[key])
+            if option:
+                values[key] = {**values[key], option: value}
+            else:
+                values[key] = _check_type(f"{name}.{key}", value, hints[key])
         sections[name] = cls(**values)
     unknown = sorted(set(raw) - set(_SECTION_CLASSES))
     if unknown:
@@ -195,24 +215,56 @@ def validate(config: Config) -> None:
     for section, values in config.to_dict().items():
         for key, value in values.items():
             _check_value(f"{section}.{key}", value, choices)
+    from .likelihoods import LIKELIHOODS
+    from .priors import PRIORS
+
+    model = config.model
+    likelihood, prior = LIKELIHOODS[model.likelihood], PRIORS[model.prior]
+    _check_options("model.likelihood_options", f"likelihood {model.likelihood!r}", likelihood, model.likelihood_options)
+    _check_options("model.prior_options", f"prior {model.prior!r}", prior, model.prior_options)
     # Pyro's Bernoulli only accepts 0/1 observations; refusing here gives one clear line
     # instead of a validation error deep inside the first SVI step.
-    from .likelihoods import LIKELIHOODS
-
-    accepts = LIKELIHOODS[config.model.likelihood].accepts
-    if accepts == "binary" and config.data.binarize == "none":
+    if likelihood.accepts == "binary" and config.data.binarize == "none":
         raise ConfigError(
-            f"model.likelihood = {config.model.likelihood!r} needs binary pixels but "
+            f"model.likelihood = {model.likelihood!r} needs binary pixels but "
             "data.binarize = 'none' gives grey values; set data.binarize to 'dynamic' or "
-            "'static', or choose a likelihood for grey data"
+            "'static', or choose a likelihood for grey data such as 'continuous_bernoulli'"
         )
+    if config.objective.elbo == "analytic" and not prior.has_closed_form_kl:
+        closed = sorted(name for name, cls in PRIORS.items() if cls.has_closed_form_kl)
+        raise ConfigError(
+            f"objective.elbo = 'analytic' needs a closed-form KL, which model.prior = "
+            f"{model.prior!r} lacks; use objective.elbo = 'mc', or a prior among {closed}"
+        )
+
+
+# constructor arguments that come from the model, not from the user's options
+_NOT_OPTIONS = {"self", "image_shape", "z_dim", "encoder"}
+
+
+def _check_options(key: str, owner: str, cls, options: dict) -> None:
+    """Options must be keyword arguments of ``cls`` with the type of their default, in range."""
+    import inspect
+
+    parameters = {
+        name: p.default for name, p in inspect.signature(cls.__init__).parameters.items() if name not in _NOT_OPTIONS
+    }
+    for name, value in options.items():
+        if name not in parameters:
+            allowed = sorted(parameters) or "none"
+            raise ConfigError(f"{key}.{name}: not an option of {owner}; its options are {allowed}")
+        checked = _check_type(f"{key}.{name}", value, type(parameters[name]))
+        if name in cls.option_bounds:
+            low, inclusive = cls.option_bounds[name]
+            if checked < low or (checked == low and not inclusive):
+                raise ConfigError(f"{key}.{name} = {value!r}: must be {'>=' if inclusive else '>'} {low}")
 
 
 def parse_override(text: str) -> tuple[str, object]:
     """Parse ``section.key=value``; the value is read as a TOML literal, else as a string."""
     key, sep, value = text.partition("=")
     key = key.strip()
-    if not sep or key.count(".") != 1:
+    if not sep or key.count(".") not in (1, 2):
         raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. model.z_dim=2")
     try:
         parsed = tomllib.loads(f"v = {value.strip()}")["v"]

@@ -2,32 +2,154 @@
 
 Each head is an ``nn.Module`` whose ``forward(features)`` takes the decoder's output of shape
 ``(..., C, H, W)`` and returns a distribution whose event is the whole image, so
-``log_prob`` gives one number per image. ``accepts`` names the data the head is defined on
-("binary": pixels in {0, 1}); configs are checked against it before anything trains.
+``log_prob`` gives one number per image, with every normalizing constant included: numbers
+from different likelihoods on the same data are comparable. ``accepts`` names the data the
+head is defined on; configs are checked against it before anything trains:
+
+- ``"binary"``: pixels in {0, 1} (binarized data);
+- ``"unit_interval"``: pixels in [0, 1] (grey or binary);
+- ``"real"``: any real pixel values.
+
+Options (``model.likelihood_options`` in a config) are the keyword arguments of a head's
+constructor; ``option_bounds`` states the allowed range of the numeric ones.
 """
 
 from __future__ import annotations
 
 import pyro.distributions as dist
+import torch
 from torch import nn
+from torch.nn import functional as F
 
 #: The image (C, H, W) is one event.
 IMAGE_EVENT_DIM = 3
+
+
+class BernoulliLogits(dist.Bernoulli):
+    """``pyro.distributions.Bernoulli`` with a leaner ``log_prob`` for logits.
+
+    ``log p(x) = x * logits - softplus(logits)``: the same values as torch's
+    ``-binary_cross_entropy_with_logits`` (stable for saturated logits), in three elementwise
+    passes instead of about eight. Evaluation with K = 5000 importance samples spends most of
+    its time here. Validation is untouched: values outside {0, 1} are still refused.
+    """
+
+    def log_prob(self, value):
+        if self._validate_args:
+            self._validate_sample(value)
+        logits = self.logits
+        return value * logits - F.softplus(logits)
 
 
 class Bernoulli(nn.Module):
     """Independent Bernoulli pixels parametrized by logits (stable for saturated pixels)."""
 
     accepts = "binary"
+    option_bounds: dict = {}
+
+    def __init__(self, image_shape=None):
+        super().__init__()
 
     def forward(self, logits):
-        return dist.Bernoulli(logits=logits).to_event(IMAGE_EVENT_DIM)
+        return BernoulliLogits(logits=logits).to_event(IMAGE_EVENT_DIM)
 
 
-LIKELIHOODS = {"bernoulli": Bernoulli}
+class ContinuousBernoulli(nn.Module):
+    """Continuous Bernoulli pixels on [0, 1], normalizing constant included.
+
+    The Bernoulli likelihood applied to grey values is not a density (it lacks the constant
+    C(lambda)); the continuous Bernoulli is its normalized form.
+
+    Reference: Loaiza-Ganem & Cunningham (2019), The continuous Bernoulli: fixing a pervasive
+    error in variational autoencoders.
+    """
+
+    accepts = "unit_interval"
+    option_bounds: dict = {}
+
+    def __init__(self, image_shape=None):
+        super().__init__()
+
+    def forward(self, logits):
+        return dist.ContinuousBernoulli(logits=logits).to_event(IMAGE_EVENT_DIM)
 
 
-def make_likelihood(name: str, **options) -> nn.Module:
+def _scale_parameter(image_shape, per_pixel: bool, init_scale: float, min_scale: float) -> nn.Parameter:
+    shape = tuple(image_shape) if per_pixel else ()
+    # inverse softplus, so that min_scale + softplus(raw) starts at init_scale exactly
+    above_floor = max(float(init_scale) - min_scale, 1e-6)
+    return nn.Parameter(torch.full(shape, above_floor).expm1().log())
+
+
+class _LocationScale(nn.Module):
+    """Shared code of the Gaussian and Laplace heads: the decoder gives the location; the
+    scale is fixed, or learned (one value, or one per pixel when ``per_pixel``)."""
+
+    accepts = "real"
+    family = None
+    option_bounds = {"scale": (0.0, False), "min_scale": (0.0, False)}
+
+    def __init__(self, image_shape, scale: float, learned: bool, per_pixel: bool = False, min_scale: float = 1e-3):
+        super().__init__()
+        self.learned = learned
+        self.min_scale = min_scale
+        if learned:
+            self.raw_scale = _scale_parameter(image_shape, per_pixel, scale, min_scale)
+        else:
+            self.register_buffer("fixed_scale", torch.tensor(float(scale)))
+
+    def scale(self) -> torch.Tensor:
+        if self.learned:
+            # a floor keeps the density bounded: background pixels that are always 0 would
+            # otherwise drive their scale, and the log-likelihood, to infinity
+            return self.min_scale + F.softplus(self.raw_scale)
+        return self.fixed_scale
+
+    def forward(self, loc):
+        return self.family(loc, self.scale().expand_as(loc)).to_event(IMAGE_EVENT_DIM)
+
+
+class Gaussian(_LocationScale):
+    """Gaussian pixels N(x; decoder(z), scale^2) with a fixed ``scale`` (default 0.1)."""
+
+    family = dist.Normal
+
+    def __init__(self, image_shape=None, scale: float = 0.1):
+        super().__init__(image_shape, scale, learned=False)
+
+
+class GaussianLearned(_LocationScale):
+    """Gaussian pixels with a learned scale (initially ``scale``, never below ``min_scale``):
+    one value shared by all pixels, or one per pixel with ``per_pixel = true``."""
+
+    family = dist.Normal
+
+    def __init__(self, image_shape=None, scale: float = 0.1, per_pixel: bool = False, min_scale: float = 1e-3):
+        super().__init__(image_shape, scale, learned=True, per_pixel=per_pixel, min_scale=min_scale)
+
+
+class Laplace(_LocationScale):
+    """Laplace pixels located at decoder(z), with a fixed ``scale`` (default 0.1) or, with
+    ``learned = true``, a learned one (shared, or ``per_pixel``)."""
+
+    family = dist.Laplace
+
+    def __init__(self, image_shape=None, scale: float = 0.1, learned: bool = False, per_pixel: bool = False,
+                 min_scale: float = 1e-3):
+        super().__init__(image_shape, scale, learned=learned, per_pixel=per_pixel, min_scale=min_scale)
+
+
+LIKELIHOODS = {
+    "bernoulli": Bernoulli,
+    "continuous_bernoulli": ContinuousBernoulli,
+    "gaussian": Gaussian,
+    "gaussian_learned": GaussianLearned,
+    "laplace": Laplace,
+}
+
+
+def make_likelihood(name: str, image_shape=None, **options) -> nn.Module:
+    """The likelihood head ``name`` for images of ``image_shape``, with its ``options``."""
     if name not in LIKELIHOODS:
         raise ValueError(f"unknown likelihood {name!r}; choose one of {sorted(LIKELIHOODS)}")
-    return LIKELIHOODS[name](**options)
+    return LIKELIHOODS[name](image_shape, **options)

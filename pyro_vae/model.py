@@ -124,6 +124,7 @@ def build_vae(model_config, image_shape) -> VAE:
     encoder, decoder = make_networks(
         model_config.arch, image_shape, model_config.z_dim, model_config.hidden_dim, model_config.num_layers
     )
-    likelihood = make_likelihood(model_config.likelihood)
-    prior = make_prior(model_config.prior, model_config.z_dim)
+    likelihood = make_likelihood(model_config.likelihood, image_shape, **model_config.likelihood_options)
+    prior = make_prior(model_config.prior, model_config.z_dim, encoder=encoder, image_shape=tuple(image_shape),
+                       **model_config.prior_options)
     return VAE(encoder, decoder, likelihood, prior)

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import CHECKPOINT_NAME, save_checkpoint
-from .config import Config, save_config
+from .config import Config, from_dict, save_config
 from .data import Splits, binarize_once, iterate_batches, prepare
 from .elbo import make_elbo, mean_elbo
 from .model import VAE, build_vae
@@ -42,6 +42,22 @@ def learning_rate(config, epoch: int) -> float:
     progress = epoch / (train.epochs - 1)
     final = train.lr * train.lr_final_ratio
     return final + 0.5 * (train.lr - final) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def beta_at(objective, epoch: int) -> float:
+    """The KL weight of ``epoch`` (0-based) under ``objective``'s beta schedule.
+
+    "warmup": ``beta * min(1, epoch / beta_epochs)``, so 0 in the first epoch and ``beta``
+    from epoch ``beta_epochs`` on. "cyclical" (Fu et al. 2019, Cyclical Annealing Schedule):
+    cycles of ``beta_epochs`` epochs, each rising linearly from 0 to ``beta`` over its first
+    ``beta_ramp`` fraction, then holding ``beta``.
+    """
+    if objective.beta_schedule == "warmup":
+        return objective.beta * min(1.0, epoch / objective.beta_epochs)
+    if objective.beta_schedule == "cyclical":
+        position = (epoch % objective.beta_epochs) / objective.beta_epochs
+        return objective.beta * min(1.0, position / objective.beta_ramp)
+    return objective.beta
 
 
 def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
@@ -104,11 +120,13 @@ def fit(
     loss_fn = make_elbo(config.objective.elbo, config.objective.num_particles).differentiable_loss
     generator = torch.Generator().manual_seed(config.train.seed)
     dynamic = config.data.binarize == "dynamic"
-    beta = config.objective.beta
 
     history: list[dict] = []
     epoch, step, order, partial = 0, 0, None, {"loss": 0.0, "images": 0, "seconds": 0.0}
     if checkpoint is not None:
+        saved = from_dict(checkpoint["config"]).replace(**{"train.epochs": config.train.epochs})
+        if saved != config:
+            raise ValueError("the checkpoint was written with another config; only train.epochs may change on resume")
         vae.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
@@ -143,6 +161,7 @@ def fit(
     with _StopRequest() as stop:
         while epoch < config.train.epochs:
             lr = learning_rate(config, epoch)
+            beta = beta_at(config.objective, epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             if order is None:

@@ -84,3 +84,49 @@ def test_unknown_section_in_file(tmp_path):
     path.write_text("[optimizer]\nlr = 1.0\n")
     with pytest.raises(ConfigError, match=r"unknown section \[optimizer\]"):
         load_config(path)
+
+
+def test_options_from_set_and_file(tmp_path):
+    config = load_config(None, {"model.prior": "mixture", "model.prior_options.num_components": 50})
+    assert config.model.prior_options == {"num_components": 50}
+    path = tmp_path / "c.toml"
+    save_config(config, path)
+    assert "[model.prior_options]" in path.read_text()
+    assert load_config(path) == config
+    assert parse_override("model.prior_options.num_components=50") == ("model.prior_options.num_components", 50)
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"model.likelihood": "poisson"}, ["model.likelihood", "'poisson'", "bernoulli", "gaussian"]),
+        ({"model.prior": "flow"}, ["model.prior", "'flow'", "vamp"]),
+        ({"model.likelihood": "gaussian", "data.binarize": "none", "model.likelihood_options.scale": 0},
+         ["model.likelihood_options.scale", "> 0"]),
+        ({"model.likelihood": "gaussian", "model.likelihood_options.scale": -1.5}, ["scale", "-1.5", "> 0"]),
+        ({"model.prior": "mixture", "model.prior_options.num_components": 0}, ["num_components", "0", ">= 1"]),
+        ({"model.prior": "vamp", "model.prior_options.num_components": 2.5}, ["num_components", "integer"]),
+        ({"model.prior_options.num_components": 10}, ["num_components", "not an option of prior 'standard_normal'", "none"]),
+        ({"model.likelihood_options.scale": 0.1}, ["not an option of likelihood 'bernoulli'"]),
+        ({"model.likelihood": "laplace", "model.likelihood_options.learn": True}, ["learn", "learned", "per_pixel", "scale"]),
+        ({"model.prior_options": 3}, ["model.prior_options", "table"]),
+        ({"objective.beta_schedule": "exponential"}, ["objective.beta_schedule", "warmup", "cyclical"]),
+        ({"objective.beta_epochs": -5}, ["objective.beta_epochs", "-5", ">= 1"]),
+        ({"objective.beta_ramp": 0}, ["objective.beta_ramp", "> 0"]),
+        ({"model.prior": "vamp", "objective.elbo": "analytic"}, ["analytic", "'vamp'", "closed-form", "mc"]),
+        ({"model.likelihood": "continuous_bernoulli", "data.binarize": "none", "objective.beta": -0.5},
+         ["objective.beta", "-0.5"]),
+    ],
+)
+def test_invalid_swaps(overrides, words):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, overrides)
+    message = str(error.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message, message
+
+
+def test_grey_data_likelihoods_accept_binarize_none():
+    for name in ("continuous_bernoulli", "gaussian", "gaussian_learned", "laplace"):
+        load_config(None, {"model.likelihood": name, "data.binarize": "none"})

@@ -1,6 +1,7 @@
 """Integration on real MNIST (PYRO_VAE_DATA): a 2,000-image subset, two short epochs."""
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -50,3 +51,15 @@ def test_evaluate_has_the_keys_and_sane_values(subset, config, tmp_path):
     assert math.isfinite(result["test_elbo"]) and math.isfinite(result["test_log_likelihood"])
     assert result["test_elbo"] <= result["test_log_likelihood"] < 0
     assert result["test_log_likelihood"] - result["test_elbo"] < 30
+
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_each_shipped_config_runs_as_shipped(path, mnist):
+    """One short epoch of every shipped config on 512 real images (only the budget changed)."""
+    config = load_config(path, {"train.epochs": 1, "data.train_limit": 512})
+    data = Splits(train=mnist.train.head(512), val=mnist.val.head(500), test=mnist.test)
+    history = fit(config, data, progress=False).history
+    assert math.isfinite(history[0]["val_elbo"])

@@ -125,3 +125,27 @@ def test_cosine_schedule():
     assert learning_rate(config, 10) == pytest.approx(1e-4)
     constant = config.replace(**{"train.lr_schedule": "constant"})
     assert learning_rate(constant, 7) == 1e-3
+
+
+def test_resume_refuses_a_different_config(tmp_path, splits, tiny_config):
+    fit(tiny_config, splits, run_dir=tmp_path, progress=False)
+    other = tiny_config.replace(**{"model.z_dim": 5})
+    with pytest.raises(ValueError, match="another config"):
+        fit(other, splits, checkpoint=load_checkpoint(tmp_path), progress=False)
+
+
+@pytest.mark.parametrize("schedule, beta, epochs, expected", [
+    ("constant", 4.0, 10, [4.0, 4.0, 4.0]),
+    ("warmup", 2.0, 4, [0.0, 0.5, 1.0, 1.5, 2.0, 2.0]),
+    ("cyclical", 1.0, 4, [0.0, 0.5, 1.0, 1.0, 0.0, 0.5, 1.0, 1.0, 0.0]),
+])
+def test_beta_schedules(schedule, beta, epochs, expected):
+    objective = load_config(None, {"objective.beta": beta, "objective.beta_schedule": schedule,
+                                   "objective.beta_epochs": epochs, "objective.beta_ramp": 0.5}).objective
+    assert [train_module.beta_at(objective, e) for e in range(len(expected))] == pytest.approx(expected)
+
+
+def test_beta_of_each_epoch_is_logged(splits, tiny_config):
+    config = tiny_config.replace(**{"train.epochs": 3, "objective.beta_schedule": "warmup", "objective.beta_epochs": 2})
+    history = fit(config, splits, progress=False).history
+    assert [r["beta"] for r in history] == [0.0, 0.5, 1.0]

@@ -1,0 +1,97 @@
+"""Each likelihood's log-density against an independent formula, written out here."""
+
+import math
+
+import pytest
+import torch
+
+from pyro_vae.likelihoods import LIKELIHOODS, BernoulliLogits, make_likelihood
+
+SHAPE = (1, 3, 4)
+
+
+def features_and_data(kind, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(2, 5, *SHAPE, generator=g, dtype=torch.float64) * 2
+    if kind == "binary":
+        x = torch.bernoulli(torch.full((5, *SHAPE), 0.4, dtype=torch.float64), generator=g)
+    else:
+        x = torch.rand(5, *SHAPE, generator=g, dtype=torch.float64)
+    return features, x
+
+
+def per_image(values):
+    return values.flatten(-3).sum(-1)
+
+
+def test_bernoulli():
+    logits, x = features_and_data("binary")
+    p = torch.sigmoid(logits)
+    expected = per_image(x * p.log() + (1 - x) * (1 - p).log())
+    torch.testing.assert_close(make_likelihood("bernoulli", SHAPE)(logits).log_prob(x), expected)
+
+
+def test_bernoulli_saturated_logits_stay_finite_and_match_torch():
+    logits = torch.tensor([60.0, -60.0, 0.0, 15.0])
+    x = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    ours = BernoulliLogits(logits=logits).log_prob(x)
+    torch.testing.assert_close(ours, torch.distributions.Bernoulli(logits=logits).log_prob(x))
+    with pytest.raises(ValueError):  # Pyro's validation still refuses grey pixels
+        BernoulliLogits(logits=logits).log_prob(torch.full((4,), 0.5))
+
+
+def test_continuous_bernoulli_includes_its_normalizing_constant():
+    logits, x = features_and_data("grey")
+    lam = torch.sigmoid(logits)
+    # C(lam) = 2 atanh(1 - 2 lam) / (1 - 2 lam)   (Loaiza-Ganem & Cunningham 2019, eq. 7)
+    log_c = (2 * torch.atanh(1 - 2 * lam) / (1 - 2 * lam)).log()
+    expected = per_image(x * lam.log() + (1 - x) * (1 - lam).log() + log_c)
+    ours = make_likelihood("continuous_bernoulli", SHAPE)(logits).log_prob(x)
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
+
+
+def gaussian_formula(x, loc, scale):
+    return per_image(-0.5 * ((x - loc) / scale) ** 2 - math.log(math.sqrt(2 * math.pi)) - torch.log(scale))
+
+
+def test_gaussian_fixed_scale():
+    loc, x = features_and_data("grey")
+    head = make_likelihood("gaussian", SHAPE, scale=0.3)
+    assert not list(head.parameters())
+    torch.testing.assert_close(head(loc).log_prob(x), gaussian_formula(x, loc, torch.tensor(0.3, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("per_pixel", [False, True])
+def test_gaussian_learned_scale(per_pixel):
+    loc, x = features_and_data("grey")
+    head = make_likelihood("gaussian_learned", SHAPE, scale=0.2, per_pixel=per_pixel).double()
+    (raw,) = head.parameters()
+    assert raw.shape == (SHAPE if per_pixel else ())
+    torch.testing.assert_close(head.scale(), torch.full(raw.shape, 0.2, dtype=torch.float64))
+    with torch.no_grad():
+        raw.add_(torch.linspace(-1, 1, raw.numel(), dtype=torch.float64).reshape(raw.shape))
+    scale = 1e-3 + torch.nn.functional.softplus(raw)
+    torch.testing.assert_close(head(loc).log_prob(x), gaussian_formula(x, loc, scale))
+
+
+@pytest.mark.parametrize("learned", [False, True])
+def test_laplace(learned):
+    loc, x = features_and_data("grey")
+    head = make_likelihood("laplace", SHAPE, scale=0.25, learned=learned).double()
+    assert len(list(head.parameters())) == int(learned)
+    expected = per_image(-(x - loc).abs() / 0.25 - math.log(2 * 0.25))
+    torch.testing.assert_close(head(loc).log_prob(x), expected)
+
+
+@pytest.mark.parametrize("name", sorted(LIKELIHOODS))
+def test_one_event_per_image(name):
+    p = make_likelihood(name, SHAPE)(torch.zeros(2, 7, *SHAPE))
+    assert p.batch_shape == (2, 7) and p.event_shape == SHAPE
+    assert p.mean.shape == (2, 7, *SHAPE)
+
+
+def test_every_likelihood_declares_its_data():
+    for cls in LIKELIHOODS.values():
+        assert cls.accepts in {"binary", "unit_interval", "real"}
+    with pytest.raises(ValueError, match="choose one of"):
+        make_likelihood("poisson")
