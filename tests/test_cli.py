@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -41,6 +43,10 @@ def test_help_explains_every_flag():
     (["--set", "nonsense"], ["section.key=value"]),
     (["--set", "data.binarize=none"], ["bernoulli", "data.binarize"]),
     (["--config", "no/such/file.toml"], ["does not exist"]),
+    (["--prior", "flow"], ["model.prior", "flow", "vamp"]),
+    (["--likelihood", "poisson"], ["model.likelihood", "poisson", "continuous_bernoulli"]),
+    (["--beta", "-1"], ["objective.beta", "-1"]),
+    (["--prior", "mixture", "--set", "model.prior_options.num_components=0"], ["num_components", ">= 1"]),
 ])
 def test_bad_config_one_line_exit_2(tmp_path, args, words):
     assert_one_line_error(run("train", *args, "--out", str(tmp_path / "run")), *words)
@@ -95,3 +101,29 @@ def test_train_evaluate_plot_resume(tmp_path, mnist_dir):
     assert plotted.returncode == 0, plotted.stderr
     for name in ("reconstructions", "samples", "latent_space", "manifold", "training_curves"):
         assert (run_dir / f"{name}.png").stat().st_size > 1000
+
+
+@pytest.mark.mnist
+def test_ctrl_c_saves_and_resume_finishes(tmp_path, mnist_dir):
+    """SIGINT to a running `pyro-vae train`: exit 130, a usable checkpoint, then --resume."""
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "pyro_vae", "train", "--set", "model.hidden_dim=32", "--set", "data.val_size=500",
+            "--train-limit", "2000", "--epochs", "500", "--out", str(run_dir), "--quiet"]
+    env = {**os.environ, "PYRO_VAE_DATA": str(mnist_dir)}
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read() if process.poll() else "timeout"
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "--resume" in stderr and "Traceback" not in stderr
+    epochs_done = len(metrics.read_text().splitlines())
+    assert 2 <= epochs_done < 500
+
+    resumed = run("train", "--resume", str(run_dir), "--epochs", str(epochs_done + 1), "--quiet",
+                  env={"PYRO_VAE_DATA": str(mnist_dir)})
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["epoch"] == epochs_done + 1

@@ -66,9 +66,10 @@ def linear_gaussian(diagonal_posterior=True, **distortion):
 
 def test_exact_posterior_gives_exact_log_likelihood_and_elbo():
     vae, x, exact = linear_gaussian()
-    log_px, elbo = importance_sampled(vae, x, num_samples=7)
-    torch.testing.assert_close(log_px, exact, rtol=0, atol=1e-4)
-    torch.testing.assert_close(elbo, exact, rtol=0, atol=1e-4)
+    estimates = importance_sampled(vae, x, num_samples=7)
+    torch.testing.assert_close(estimates.log_likelihood, exact, rtol=0, atol=1e-4)
+    torch.testing.assert_close(estimates.elbo, exact, rtol=0, atol=1e-4)
+    torch.testing.assert_close(estimates.elbo, estimates.reconstruction - estimates.kl)
     torch.testing.assert_close(elbo_per_image(vae, x), exact, rtol=0, atol=1e-4)
 
 
@@ -78,8 +79,8 @@ def test_importance_sampling_converges_to_exact_log_likelihood(monkeypatch, max_
     monkeypatch.setattr(elbo_module, "MAX_CHUNK_ELEMENTS", max_elements)
     vae, x, exact = linear_gaussian(diagonal_posterior=False, shift=0.3, inflate=1.5)
     torch.manual_seed(2)
-    log_px_5000, elbo = importance_sampled(vae, x, num_samples=5000)
-    log_px_5, _ = importance_sampled(vae, x, num_samples=5)
+    log_px_5000, elbo, _, _ = importance_sampled(vae, x, num_samples=5000)
+    log_px_5 = importance_sampled(vae, x, num_samples=5).log_likelihood
     gap_5000 = (exact - log_px_5000).mean().item()
     # a lower bound in expectation that tightens with K; at K = 5000 within 0.01 nats here
     assert abs(gap_5000) < 0.01
@@ -90,7 +91,7 @@ def test_importance_sampling_converges_to_exact_log_likelihood(monkeypatch, max_
 
 def test_log_likelihood_estimate_is_at_least_the_elbo_estimate():
     vae, x, _ = linear_gaussian(diagonal_posterior=False, shift=1.0, inflate=0.7)
-    log_px, elbo = importance_sampled(vae, x, num_samples=20)
+    log_px, elbo, _, _ = importance_sampled(vae, x, num_samples=20)
     assert (log_px >= elbo - 1e-5).all()  # log-mean-exp >= mean, on the same samples
 
 
@@ -108,11 +109,24 @@ def test_mean_elbo_is_batch_size_independent():
     assert math.isclose(mean_elbo(vae, x, batch_size=7), exact.mean().item(), rel_tol=1e-5)
 
 
+def test_kl_term_matches_the_closed_form():
+    """The sampled KL term of evaluation agrees with KL(q || p) in closed form (4 standard errors)."""
+    vae, x, _ = linear_gaussian(diagonal_posterior=False, shift=0.4, inflate=1.3)
+    torch.manual_seed(3)
+    estimates = importance_sampled(vae, x, num_samples=4000)
+    exact_kl = torch.distributions.kl_divergence(vae.encode(x), vae.prior())
+    q = vae.encode(x)
+    z = q.sample((4000,))
+    se = (q.log_prob(z) - vae.prior().log_prob(z)).std(0) / math.sqrt(4000)
+    assert ((estimates.kl - exact_kl).abs() < 4 * se).all()
+
+
 def test_evaluate_reports_per_image_means():
     vae, x, exact = linear_gaussian()
     result = evaluate(vae, x, num_samples=3, batch_size=16)
     assert result["num_images"] == 50 and result["num_samples"] == 3
     assert math.isclose(result["test_log_likelihood"], exact.mean().item(), rel_tol=1e-5)
+    assert math.isclose(result["test_elbo"], result["test_reconstruction"] - result["test_kl"], rel_tol=1e-5)
     with pytest.raises(ValueError, match="num_samples"):
         evaluate(vae, x, num_samples=0)
 

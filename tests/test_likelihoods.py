@@ -31,10 +31,12 @@ def test_bernoulli():
     torch.testing.assert_close(make_likelihood("bernoulli", SHAPE)(logits).log_prob(x), expected)
 
 
-def test_bernoulli_saturated_logits_stay_finite_and_match_torch():
-    logits = torch.tensor([60.0, -60.0, 0.0, 15.0])
-    x = torch.tensor([1.0, 0.0, 1.0, 0.0])
-    ours = BernoulliLogits(logits=logits).log_prob(x)
+@pytest.mark.parametrize("grad", [True, False], ids=["training path", "evaluation path"])
+def test_bernoulli_saturated_logits_stay_finite_and_match_torch(grad):
+    logits = torch.tensor([[60.0, -60.0, 0.0, 15.0], [-3.0, 2.0, 80.0, -80.0]])
+    x = torch.tensor([1.0, 0.0, 1.0, 0.0])  # broadcast against the two rows of logits
+    with torch.set_grad_enabled(grad):
+        ours = BernoulliLogits(logits=logits).log_prob(x)
     torch.testing.assert_close(ours, torch.distributions.Bernoulli(logits=logits).log_prob(x))
     with pytest.raises(ValueError):  # Pyro's validation still refuses grey pixels
         BernoulliLogits(logits=logits).log_prob(torch.full((4,), 0.5))

@@ -6,7 +6,7 @@ from matplotlib.figure import Figure
 
 from pyro_vae.config import load_config
 from pyro_vae.model import build_vae
-from pyro_vae.plotting import _tile, make_figures, plot_manifold, principal_components
+from pyro_vae.plotting import _tile, make_figures, plot_image_panels, plot_manifold, principal_components
 
 
 @pytest.mark.parametrize("z_dim, expected", [
@@ -23,6 +23,14 @@ def test_make_figures(splits, z_dim, expected):
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png")
         assert buffer.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("prior", ["standard_normal", "learned_gaussian", "mixture", "vamp"])
+def test_figures_for_every_prior(splits, prior):
+    options = {"model.prior_options": {"num_components": 3}} if prior in ("mixture", "vamp") else {}
+    config = load_config(None, {"model.z_dim": 2, "model.hidden_dim": 8, "model.prior": prior, **options})
+    figures = make_figures(build_vae(config.model, (1, 8, 8)), splits.test.images, splits.test.labels, [])
+    assert {"samples", "manifold", "latent_space"} <= set(figures)
 
 
 def test_manifold_needs_two_latent_dimensions():
@@ -46,3 +54,8 @@ def test_principal_components_find_the_dominant_direction():
     assert projected.shape == (2000, 2)
     assert share[0] > 0.9
     assert abs(torch.corrcoef(torch.stack([projected[:, 0], z[:, 0]]))[0, 1]) > 0.99
+
+
+def test_image_panels_side_by_side():
+    figure = plot_image_panels({"a": torch.rand(6, 1, 4, 4), "b": torch.rand(6, 1, 4, 4)}, ncol=3)
+    assert [ax.get_title() for ax in figure.axes] == ["a", "b"]
