@@ -16,6 +16,7 @@ from . import __version__
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, load_run
 from .config import ConfigError, from_dict, load_config, parse_override
 from .data import DATA_ENV, DataNotFoundError, load_splits, prepare
+from .compare import DEFAULT_ESTIMATORS
 from .elbo import evaluate
 from .train import METRICS_NAME, fit
 
@@ -58,6 +59,26 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="seed of the importance samples (default 0)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_data_dir(ev)
+
+    ce = commands.add_parser(
+        "compare-elbo", help="compare ELBO estimators on a run, or train once per estimator",
+        description="With RUN_DIR: score each estimator on the run's test images (estimate, its noise across "
+                    "repeats, gradient variance and SNR, time per step). With --train: train one config once per "
+                    "estimator, same epochs and seed, and compare learning curves and test log-likelihoods.")
+    ce.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a trained run (without --train)")
+    ce.add_argument("--estimators", nargs="+", metavar="NAME[:K]", default=list(DEFAULT_ESTIMATORS),
+                    help=f"estimators, with K particles for iwae (default: {' '.join(DEFAULT_ESTIMATORS)})")
+    ce.add_argument("--repeats", type=int, default=5, metavar="R", help="passes over the test images per estimator (default 5)")
+    ce.add_argument("--grad-samples", type=int, default=20, metavar="M", help="gradient draws for variance and SNR (default 20)")
+    ce.add_argument("--limit", type=int, default=0, metavar="N", help="use the first N test images only (default: all)")
+    ce.add_argument("--train", action="store_true", help="train --config once per estimator instead")
+    ce.add_argument("--config", metavar="FILE", help="with --train: the config (default: built-in defaults)")
+    ce.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[], help="with --train: config overrides")
+    ce.add_argument("--epochs", type=int, metavar="N", help="with --train: epochs of every run")
+    ce.add_argument("--out", metavar="DIR", default="runs/compare-elbo", help="with --train: folder of the runs (default runs/compare-elbo)")
+    ce.add_argument("--num-samples", "-k", type=int, default=1000, metavar="K", help="with --train: importance samples of the final evaluation")
+    ce.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_data_dir(ce)
 
     plot = commands.add_parser("plot", help="write the figures of a run as PNG files", description="Reconstructions, prior samples, latent space, manifold (2-D z) and training curves, as PNG files in the run folder.")
     plot.add_argument("run_dir", metavar="RUN_DIR")
@@ -150,7 +171,64 @@ def _plot(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "evaluate": _evaluate, "plot": _plot}
+def _write_records(records: list[dict], stem: Path) -> None:
+    import csv
+
+    stem.with_suffix(".json").write_text(json.dumps(records, indent=2) + "\n")
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+
+
+def _print_table(records: list[dict], columns: list[str]) -> None:
+    print("  ".join(f"{c:>22}" for c in columns))
+    for r in records:
+        print("  ".join(f"{r[c]:>22.4g}" if isinstance(r[c], float) else f"{str(r[c]):>22}" for c in columns))
+
+
+def _compare_elbo(args) -> int:
+    from .compare import compare_estimators, parse_estimator, train_side_by_side
+    from .plotting import plot_estimator_comparison, plot_learning_curves
+
+    try:
+        for spec in args.estimators:
+            parse_estimator(spec)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if args.train:
+        overrides = dict(parse_override(item) for item in args.set)
+        if args.epochs is not None:
+            overrides["train.epochs"] = args.epochs
+        config = load_config(args.config, overrides)
+        for spec in args.estimators:  # every variant must be a valid config before any trains
+            name, k = parse_estimator(spec)
+            config.replace(**{"objective.elbo": name, "objective.num_particles": k})
+        splits = load_splits(config.data.dataset, args.data_dir, config.data.val_size, config.data.train_limit)
+        out = Path(args.out)
+        records, histories = train_side_by_side(config, splits, out, args.estimators, args.num_samples, progress=not args.quiet)
+        _write_records(records, out / "training_comparison")
+        plot_learning_curves(histories).savefig(out / "training_comparison.png", dpi=110)
+        _print_table(records, ["estimator", "epochs", "test_elbo", "test_log_likelihood", "train_seconds"])
+        return 0
+    if not args.run_dir:
+        raise ConfigError("compare-elbo needs RUN_DIR, or --train to train one run per estimator")
+    vae, config, test = _trained_and_test(args)
+    estimators = list(args.estimators)
+    if not vae.prior_net.has_closed_form_kl and any(parse_estimator(e)[0] == "analytic" for e in estimators):
+        print(f"note: prior {config.model.prior!r} has no closed-form KL; leaving out 'analytic'", file=sys.stderr)
+        estimators = [e for e in estimators if parse_estimator(e)[0] != "analytic"]
+    images = test.images[: args.limit] if args.limit else test.images
+    records = compare_estimators(vae, images, estimators, repeats=args.repeats, grad_samples=args.grad_samples)
+    stem = Path(args.run_dir) / "elbo_comparison"
+    _write_records(records, stem)
+    plot_estimator_comparison(records).savefig(stem.with_suffix(".png"), dpi=110)
+    _print_table(records, ["estimator", "estimate", "estimate_std", "grad_snr_encoder", "grad_snr_decoder",
+                           "seconds_per_step"])
+    return 0
+
+
+COMMANDS = {"train": _train, "evaluate": _evaluate, "plot": _plot, "compare-elbo": _compare_elbo}
 
 
 def main(argv: list[str] | None = None) -> int:

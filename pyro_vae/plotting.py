@@ -78,8 +78,13 @@ def plot_training_curves(history: list[dict]) -> Figure:
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.add_subplot()
     epochs = [r["epoch"] for r in history]
-    ax.plot(epochs, [-r["train_loss"] for r in history], marker=".", label="train ELBO (-loss, running mean)")
-    ax.plot(epochs, [r["val_elbo"] for r in history], marker=".", label="validation ELBO")
+    train, val = [-r["train_loss"] for r in history], [r["val_elbo"] for r in history]
+    ax.plot(epochs, train, marker=".", label="train ELBO (-loss, running mean)")
+    ax.plot(epochs, val, marker=".", label="validation ELBO")
+    if len(history) >= 10:  # the first epochs are far below the rest: zoom on the last 90 %
+        tail = train[len(train) // 10 :] + val[len(val) // 10 :]
+        low, high = min(tail), max(tail)
+        ax.set_ylim(low - 0.1 * (high - low), high + 0.1 * (high - low))
     ax.set_xlabel("epoch")
     ax.set_ylabel("nats per image")
     ax.grid(alpha=0.3)
@@ -138,4 +143,39 @@ def plot_manifold(vae, n: int = 15) -> Figure:
     images = vae.decode(z).mean
     fig = Figure(figsize=(7, 7), layout="constrained")
     _show(fig.add_subplot(), _tile(images, n), "latent manifold: mean of p(x|z) on a grid of z")
+    return fig
+
+
+def plot_estimator_comparison(records: list[dict]) -> Figure:
+    """Estimate +- its spread across repeats, gradient SNR (encoder, decoder) and time per step."""
+    names = [r["estimator"] for r in records]
+    fig = Figure(figsize=(13, 4), layout="constrained")
+    estimate, snr, cost = fig.subplots(1, 3)
+    estimate.errorbar(names, [r["estimate"] for r in records], yerr=[r["estimate_std"] for r in records],
+                      fmt="o", capsize=4)
+    estimate.set_title("estimate (nats / image), +- std over repeats")
+    positions = torch.arange(len(names), dtype=torch.float32)
+    snr.bar(positions - 0.2, [r["grad_snr_encoder"] or 0 for r in records], 0.4, label="encoder")
+    snr.bar(positions + 0.2, [r["grad_snr_decoder"] or 0 for r in records], 0.4, label="decoder")
+    snr.set_xticks(positions.tolist(), names)
+    snr.set_yscale("log")
+    snr.set_title("gradient SNR |E g| / std g (mean over parameters)")
+    snr.legend()
+    cost.bar(names, [1000 * r["seconds_per_step"] for r in records])
+    cost.set_title("ms per step (forward + backward)")
+    for ax in (estimate, snr, cost):
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_learning_curves(histories: dict[str, list[dict]]) -> Figure:
+    """Validation ELBO per epoch of several runs, one line each (e.g. one per estimator)."""
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for name, history in histories.items():
+        ax.plot([r["epoch"] for r in history], [r["val_elbo"] for r in history], marker=".", label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation ELBO (nats per image)")
+    ax.grid(alpha=0.3)
+    ax.legend(title="trained with")
     return fig

@@ -127,3 +127,35 @@ def test_ctrl_c_saves_and_resume_finishes(tmp_path, mnist_dir):
                   env={"PYRO_VAE_DATA": str(mnist_dir)})
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["epoch"] == epochs_done + 1
+
+
+def test_compare_elbo_bad_input(tmp_path):
+    assert_one_line_error(run("compare-elbo", str(tmp_path), "--estimators", "renyi"), "renyi", "choose one of")
+    assert_one_line_error(run("compare-elbo", str(tmp_path), "--estimators", "iwae:x"), "iwae:x")
+    assert_one_line_error(run("compare-elbo"), "RUN_DIR", "--train")
+
+
+@pytest.mark.mnist
+def test_compare_elbo_on_a_run_and_side_by_side(tmp_path, mnist_dir):
+    env = {"PYRO_VAE_DATA": str(mnist_dir)}
+    small = ["--set", "model.hidden_dim=32", "--set", "data.val_size=500", "--set", "data.train_limit=300"]
+    run_dir = tmp_path / "run"
+    trained = run("train", *small, "--epochs", "1", "--out", str(run_dir), "--quiet", env=env)
+    assert trained.returncode == 0, trained.stderr
+
+    compared = run("compare-elbo", str(run_dir), "--limit", "200", "--repeats", "2", "--grad-samples", "3",
+                   "--estimators", "mc", "analytic", "iwae:3", env=env)
+    assert compared.returncode == 0, compared.stderr
+    records = json.loads((run_dir / "elbo_comparison.json").read_text())
+    assert [r["estimator"] for r in records] == ["mc", "analytic", "iwae:3"]
+    assert records[2]["estimate"] > records[0]["estimate"]  # the K = 3 bound is tighter
+    assert (run_dir / "elbo_comparison.csv").is_file() and (run_dir / "elbo_comparison.png").is_file()
+    assert "iwae:3" in compared.stdout
+
+    out = tmp_path / "side_by_side"
+    trained = run("compare-elbo", "--train", *small, "--epochs", "1", "--estimators", "mc", "iwae:2",
+                  "-k", "5", "--out", str(out), "--quiet", env=env)
+    assert trained.returncode == 0, trained.stderr
+    records = json.loads((out / "training_comparison.json").read_text())
+    assert [r["estimator"] for r in records] == ["mc", "iwae:2"]
+    assert (out / "training_comparison.png").is_file()

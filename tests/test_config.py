@@ -51,7 +51,7 @@ def test_int_accepted_for_float():
         ({"train.lr": 0}, ["train.lr", "> 0"]),
         ({"objective.beta": -1}, ["objective.beta", ">= 0"]),
         ({"model.arch": "transformer"}, ["model.arch", "'transformer'", "conv", "mlp"]),
-        ({"objective.elbo": "iwae"}, ["objective.elbo", "analytic", "mc"]),
+        ({"objective.elbo": "renyi"}, ["objective.elbo", "analytic", "iwae", "mc"]),
         ({"data.binarize": "yes"}, ["data.binarize", "dynamic", "static", "none"]),
         ({"data.dataset": "cifar"}, ["data.dataset", "mnist"]),
         ({"objective.num_particles": True}, ["objective.num_particles", "integer"]),

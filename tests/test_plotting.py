@@ -6,7 +6,15 @@ from matplotlib.figure import Figure
 
 from pyro_vae.config import load_config
 from pyro_vae.model import build_vae
-from pyro_vae.plotting import _tile, make_figures, plot_image_panels, plot_manifold, principal_components
+from pyro_vae.plotting import (
+    _tile,
+    make_figures,
+    plot_estimator_comparison,
+    plot_image_panels,
+    plot_learning_curves,
+    plot_manifold,
+    principal_components,
+)
 
 
 @pytest.mark.parametrize("z_dim, expected", [
@@ -59,3 +67,13 @@ def test_principal_components_find_the_dominant_direction():
 def test_image_panels_side_by_side():
     figure = plot_image_panels({"a": torch.rand(6, 1, 4, 4), "b": torch.rand(6, 1, 4, 4)}, ncol=3)
     assert [ax.get_title() for ax in figure.axes] == ["a", "b"]
+
+
+def test_comparison_figures():
+    records = [
+        {"estimator": "mc", "estimate": -99.0, "estimate_std": 0.1, "grad_snr_encoder": 0.7, "grad_snr_decoder": 1.8, "seconds_per_step": 0.007},
+        {"estimator": "iwae:5", "estimate": -96.0, "estimate_std": 0.05, "grad_snr_encoder": None, "grad_snr_decoder": 2.2, "seconds_per_step": 0.02},
+    ]
+    assert len(plot_estimator_comparison(records).axes) == 3
+    curves = plot_learning_curves({"mc": [{"epoch": 1, "val_elbo": -120.0}], "iwae:5": [{"epoch": 1, "val_elbo": -118.0}]})
+    assert [line.get_label() for line in curves.axes[0].get_lines()] == ["mc", "iwae:5"]

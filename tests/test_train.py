@@ -18,9 +18,9 @@ def comparable(history):
     return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second", "peak_memory_mb")} for r in history]
 
 
-@pytest.mark.parametrize("elbo", ["mc", "analytic"])
-def test_fit_writes_metrics_checkpoint_and_config(tmp_path, splits, tiny_config, elbo):
-    config = tiny_config.replace(**{"objective.elbo": elbo})
+@pytest.mark.parametrize("elbo, particles", [("mc", 1), ("analytic", 1), ("mc", 3), ("iwae", 5)])
+def test_fit_writes_metrics_checkpoint_and_config(tmp_path, splits, tiny_config, elbo, particles):
+    config = tiny_config.replace(**{"objective.elbo": elbo, "objective.num_particles": particles})
     result = fit(config, splits, run_dir=tmp_path, progress=False)
     assert result.completed and len(result.history) == 2
     lines = [json.loads(line) for line in (tmp_path / METRICS_NAME).read_text().splitlines()]
