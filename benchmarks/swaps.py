@@ -4,7 +4,7 @@ Trains each shipped config (with ``--epochs`` epochs), evaluates it on the 10,00
 images with K importance samples, and prints three tables: the priors on dynamically
 binarized MNIST, the grey-pixel likelihoods, and beta against reconstruction and KL (a
 rate-distortion table). Also writes ``OUT/grey_samples.png``: samples of the two grey-pixel
-models side by side. Finished runs are reused, so an interrupted sweep continues.
+models side by side. Finished runs are reused and interrupted ones resume, so an interrupted sweep continues.
 
     python benchmarks/swaps.py --data-dir ../shared/data --epochs 40 --num-samples 1000
 """
@@ -45,7 +45,11 @@ def run_one(name, out, splits_for, epochs, num_samples):
     config = pyro_vae.load_config(CONFIGS / file, {**overrides, "train.epochs": epochs})
     splits = splits_for(config.data.dataset)
     started = time.perf_counter()
-    fit_result = pyro_vae.fit(config, splits, run_dir=run_dir, progress=False)
+    # an interrupted sweep continues each run from its checkpoint
+    checkpoint = pyro_vae.load_checkpoint(run_dir) if (run_dir / "checkpoint.pt").exists() else None
+    fit_result = pyro_vae.fit(config, splits, run_dir=run_dir, checkpoint=checkpoint, progress=False)
+    if not fit_result.completed:  # Ctrl-C or SIGTERM: the state is saved, nothing to evaluate
+        raise SystemExit(f"stopped during {name}; run the same command again to continue")
     train_seconds = time.perf_counter() - started
     torch.manual_seed(0)
     test = prepare(splits.test, config.data.binarize)

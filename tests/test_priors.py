@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from pyro_vae.networks import MLPEncoder
-from pyro_vae.priors import PRIORS, make_prior
+import pyro.distributions as dist
+
+from pyro_vae.priors import PRIORS, DiagonalGaussianMixture, make_prior
 
 Z_DIM = 2
 IMAGE_SHAPE = (1, 4, 4)
@@ -75,3 +77,19 @@ def test_vamp_prior_is_the_mixture_of_posteriors_at_pseudo_inputs():
     torch.testing.assert_close(prior().log_prob(z), expected)
     with pytest.raises(ValueError, match="encoder"):
         make_prior("vamp", Z_DIM)
+
+
+@pytest.mark.parametrize("expanded", [False, True], ids=["as built", "expanded by a plate"])
+def test_mixture_log_prob_matches_the_elementwise_reference(expanded):
+    torch.manual_seed(3)
+    locs, scales = torch.randn(7, 5) * 2, torch.rand(7, 5) * 0.5 + 0.05
+    logits = torch.randn(7)
+    fast = DiagonalGaussianMixture(dist.Categorical(logits=logits), dist.Normal(locs, scales).to_event(1))
+    reference = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(logits=logits),
+        torch.distributions.Independent(torch.distributions.Normal(locs, scales), 1),
+    )
+    z = torch.randn(4, 6, 5) * 2
+    if expanded:
+        fast, reference = fast.expand((6,)), reference.expand((6,))
+    torch.testing.assert_close(fast.log_prob(z), reference.log_prob(z), rtol=1e-5, atol=1e-4)
