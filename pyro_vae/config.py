@@ -169,10 +169,12 @@ def _check_value(key: str, value, choices: dict[str, list[str]]):
     if key in choices and value not in choices[key]:
         raise ConfigError(f"{key} = {value!r}: choose one of {choices[key]}")
     if key in _BOUNDS:
-        low, inclusive = _BOUNDS[key]
-        if value < low or (value == low and not inclusive):
-            relation = ">=" if inclusive else ">"
-            raise ConfigError(f"{key} = {value!r}: must be {relation} {low}")
+        _check_bound(key, value, *_BOUNDS[key])
+
+
+def _check_bound(key: str, value, low, inclusive: bool) -> None:
+    if value < low or (value == low and not inclusive):
+        raise ConfigError(f"{key} = {value!r}: must be {'>=' if inclusive else '>'} {low}")
 
 
 def from_dict(raw: dict, base: Config | None = None) -> Config:
@@ -253,11 +255,9 @@ def _check_options(key: str, owner: str, cls, options: dict) -> None:
         if name not in parameters:
             allowed = sorted(parameters) or "none"
             raise ConfigError(f"{key}.{name}: not an option of {owner}; its options are {allowed}")
-        checked = _check_type(f"{key}.{name}", value, type(parameters[name]))
+        _check_type(f"{key}.{name}", value, type(parameters[name]))
         if name in cls.option_bounds:
-            low, inclusive = cls.option_bounds[name]
-            if checked < low or (checked == low and not inclusive):
-                raise ConfigError(f"{key}.{name} = {value!r}: must be {'>=' if inclusive else '>'} {low}")
+            _check_bound(f"{key}.{name}", value, *cls.option_bounds[name])
 
 
 def parse_override(text: str) -> tuple[str, object]:
