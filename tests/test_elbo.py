@@ -137,6 +137,7 @@ def test_evaluate_reports_per_image_means():
     closed_form = torch.distributions.kl_divergence(vae.encode(x), vae.prior()).mean().item()
     assert math.isclose(sum(result["kl_per_dimension"]), closed_form, rel_tol=1e-5)
     assert result["active_units"] == 2
+    assert result["closed_form_terms"] == ["kl_per_dimension"]
     with pytest.raises(ValueError, match="num_samples"):
         evaluate(vae, x, num_samples=0)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pyro_vae.checkpoint import load_run
-from pyro_vae.elbo import importance_sampled
+from pyro_vae.elbo import evaluate, importance_sampled
 from pyro_vae.likelihoods import LIKELIHOODS
 from pyro_vae.priors import PRIORS
 from pyro_vae.train import fit
@@ -39,5 +39,7 @@ def test_every_pair_trains_evaluates_samples_and_round_trips(tmp_path, splits, t
     log_px_loaded = importance_sampled(vae, x, num_samples=8).log_likelihood
     assert torch.isfinite(log_px).all() and (log_px >= elbo - 1e-4).all()
     torch.testing.assert_close(log_px, log_px_loaded)
+    closed_form = evaluate(vae, x, num_samples=2)["closed_form_terms"]
+    assert closed_form == ([] if prior in ("mixture", "vamp") else ["kl_per_dimension"])
     images = vae.sample_images(4)
     assert images.shape == (4, *splits.test.image_shape) and torch.isfinite(images).all()
