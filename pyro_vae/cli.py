@@ -184,7 +184,7 @@ def _write_records(records: list[dict], stem: Path) -> None:
 def _print_table(records: list[dict], columns: list[str]) -> None:
     print("  ".join(f"{c:>22}" for c in columns))
     for r in records:
-        print("  ".join(f"{r[c]:>22.4g}" if isinstance(r[c], float) else f"{str(r[c]):>22}" for c in columns))
+        print("  ".join(f"{r[c]:>22.6g}" if isinstance(r[c], float) else f"{str(r[c]):>22}" for c in columns))
 
 
 def _compare_elbo(args) -> int:
