@@ -18,7 +18,6 @@ import statistics
 import time
 
 import pyro
-import pyro.distributions as dist
 import torch
 from pyro.infer import SVI, Trace_ELBO
 from torch import nn
