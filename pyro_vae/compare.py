@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 
 import pyro
 import torch
 
-from .elbo import make_elbo
+from .checkpoint import load_checkpoint
+from .data import prepare
+from .elbo import evaluate, make_elbo
+from .train import fit
 
 #: Estimators compared by default: name, or name:particles.
 DEFAULT_ESTIMATORS = ("mc", "analytic", "iwae:5", "iwae:50")
@@ -109,13 +113,6 @@ def train_side_by_side(config, splits, out_dir, estimators=DEFAULT_ESTIMATORS, n
     Returns one record per estimator (final test log-likelihood and ELBO) and the training
     histories by estimator. Runs go to ``out_dir/<estimator>``; a finished one is reused.
     """
-    from pathlib import Path
-
-    from .checkpoint import load_checkpoint
-    from .data import prepare
-    from .elbo import evaluate
-    from .train import fit
-
     test = prepare(splits.test, config.data.binarize).images
     records, histories = [], {}
     for spec in estimators:

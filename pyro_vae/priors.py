@@ -23,8 +23,8 @@ class DiagonalGaussianMixture(dist.MixtureSameFamily):
     ``(N, K, D)`` tensor: for a VampPrior with K = 500 and importance sampling with thousands of
     points per image, that dominated evaluation. Expanding the square,
     ``sum_d (z_d - m_kd)^2 / s_kd^2 = z^2 @ (1/s^2)^T - 2 z @ (m/s^2)^T + sum_d m_kd^2 / s_kd^2``
-    gives ``(N, K)`` with two products, computed in float64 so that the cancellation between
-    the large terms stays far below 1e-6 nats. ``pyro.plate`` expands the mixture without
+    gives ``(N, K)`` with two products, computed in float64 because the expanded terms are large
+    and nearly cancel near a narrow component (tests compare it with torch's elementwise form). ``pyro.plate`` expands the mixture without
     copying its ``(K, D)`` parameters; that case takes the fast path too, others fall back.
     """
 
