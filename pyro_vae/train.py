@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pyro
 import torch
@@ -99,6 +100,7 @@ def fit(
     run_dir: str | Path | None = None,
     checkpoint: dict | None = None,
     progress: bool = True,
+    callback: Callable[[dict], None] | None = None,
 ) -> FitResult:
     """Train a VAE described by ``config`` on ``splits.train``; score ``splits.val`` each epoch.
 
@@ -110,6 +112,8 @@ def fit(
         from (same config, except possibly ``train.epochs``). The result equals that of an
         uninterrupted run with the same seed.
     :param progress: show a progress bar.
+    :param callback: called with each epoch's metrics record (the dict appended to
+        ``history``) after it is saved, e.g. to redraw a live loss plot in a notebook.
 
     Ctrl-C (or SIGTERM) stops after the current step, saves the state (mid-epoch, so nothing
     is lost) and returns with ``completed=False``.
@@ -208,6 +212,8 @@ def fit(
                 save_checkpoint(state(), run_dir / CHECKPOINT_NAME)
                 with open(run_dir / METRICS_NAME, "a") as f:
                     f.write(json.dumps(record) + "\n")
+            if callback is not None:
+                callback(record)
             if progress:
                 tqdm.write(
                     f"epoch {record['epoch']:>4}  train_loss {record['train_loss']:8.3f}  "

@@ -149,3 +149,9 @@ def test_beta_of_each_epoch_is_logged(splits, tiny_config):
     config = tiny_config.replace(**{"train.epochs": 3, "objective.beta_schedule": "warmup", "objective.beta_epochs": 2})
     history = fit(config, splits, progress=False).history
     assert [r["beta"] for r in history] == [0.0, 0.5, 1.0]
+
+
+def test_callback_sees_each_epoch_record(splits, tiny_config):
+    seen = []
+    result = fit(tiny_config, splits, progress=False, callback=seen.append)
+    assert seen == result.history and len(seen) == tiny_config.train.epochs
