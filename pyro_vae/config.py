@@ -65,6 +65,9 @@ class ObjectiveConfig:
     beta_epochs: int = 10
     beta_ramp: float = 0.5
     num_particles: int = 1
+    #: Weight of the reconstruction term log p(x|z) during training; 0 switches it off (the
+    #: objective is then -KL alone, and q(z|x) collapses onto the prior). Evaluation uses 1.
+    reconstruction_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,7 @@ _BOUNDS = {
     "objective.num_particles": (1, True),
     "objective.beta_epochs": (1, True),
     "objective.beta_ramp": (0.0, False),
+    "objective.reconstruction_weight": (0.0, True),
     "train.epochs": (0, True),
     "train.batch_size": (1, True),
     "train.lr": (0.0, False),

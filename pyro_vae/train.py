@@ -126,6 +126,7 @@ def fit(
     loss_fn = make_elbo(config.objective.elbo, config.objective.num_particles).differentiable_loss
     generator = torch.Generator().manual_seed(config.train.seed)
     dynamic = config.data.binarize == "dynamic"
+    recon_weight = config.objective.reconstruction_weight
 
     history: list[dict] = []
     epoch, step, order, partial = 0, 0, None, {"loss": 0.0, "images": 0, "seconds": 0.0}
@@ -176,7 +177,7 @@ def fit(
                        disable=not progress, leave=False, dynamic_ncols=True)
             started = time.perf_counter()
             for index, x in iterate_batches(images, config.train.batch_size, generator, dynamic, order, step):
-                loss = loss_fn(vae.model_body, vae.guide_body, x, beta=beta)
+                loss = loss_fn(vae.model_body, vae.guide_body, x, beta=beta, reconstruction_weight=recon_weight)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -98,6 +98,20 @@ def test_beta_scales_exactly_the_kl_term(beta):
         torch.testing.assert_close(losses[0.0], -vae.decode(z).log_prob(x).sum(), rtol=1e-6, atol=1e-3)
 
 
+@pytest.mark.parametrize("weight", [0.0, 0.3])
+def test_reconstruction_weight_scales_exactly_the_reconstruction_term(weight):
+    """loss(w) = -w * log p(x|z) + KL for the same draw of z (analytic KL)."""
+    vae = make_vae()
+    x = binary_batch()
+    pyro.set_rng_seed(3)
+    loss = TraceMeanField_ELBO().differentiable_loss(vae.model_body, vae.guide_body, x, reconstruction_weight=weight)
+    pyro.set_rng_seed(3)
+    q = vae.encode(x)
+    z = q.rsample()
+    expected = -weight * vae.decode(z).log_prob(x).sum() + kl_divergence(q, vae.prior()).sum()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-3)
+
+
 def test_beta_scales_both_estimators_alike():
     """Trace_ELBO's KL part (loss minus reconstruction, same z) also scales by beta."""
     vae = make_vae()

@@ -155,3 +155,17 @@ def test_callback_sees_each_epoch_record(splits, tiny_config):
     seen = []
     result = fit(tiny_config, splits, progress=False, callback=seen.append)
     assert seen == result.history and len(seen) == tiny_config.train.epochs
+
+
+def test_without_the_reconstruction_term_the_posterior_collapses(splits, tiny_config):
+    """Trained on -KL alone, q(z|x) becomes the prior: the KL term goes to ~0 for every image."""
+    from torch.distributions import kl_divergence
+
+    config = tiny_config.replace(**{"objective.reconstruction_weight": 0.0, "objective.elbo": "analytic",
+                                    "train.epochs": 15, "train.lr": 1e-2})
+    vae = fit(config, splits, progress=False).vae
+    normal = fit(tiny_config.replace(**{"train.epochs": 15, "train.lr": 1e-2}), splits, progress=False).vae
+    with torch.no_grad():
+        collapsed_kl = kl_divergence(vae.encode(splits.test.images), vae.prior()).mean().item()
+        normal_kl = kl_divergence(normal.encode(splits.test.images), normal.prior()).mean().item()
+    assert collapsed_kl < 0.05 < 1.0 < normal_kl
