@@ -17,11 +17,18 @@ from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, load_
 from .config import ConfigError, from_dict, load_config, parse_override
 from .data import DATA_ENV, DataNotFoundError, load_splits, prepare
 from .compare import DEFAULT_ESTIMATORS
+from .distributed import DEVICES, DistributedError, launched_world_size, resolve_device, setup, teardown
 from .elbo import evaluate
 from .train import METRICS_NAME, fit
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_LOST_RANK = 3
+
+
+def _add_device(parser):
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="where the model and each batch go (default auto: CUDA if available, else CPU)")
 
 
 def _add_data_dir(parser):
@@ -36,7 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = commands.add_parser("train", help="train a VAE from a config", description="Train a VAE; each epoch saves a checkpoint and a metrics line in the run folder.")
+    train = commands.add_parser(
+        "train", help="train a VAE from a config",
+        description="Train a VAE; each epoch saves a checkpoint and a metrics line in the run folder. "
+                    "Launched by torchrun (torchrun --nproc_per_node=N -m pyro_vae train ...), it trains "
+                    "data-parallel on N processes.")
     train.add_argument("--config", metavar="FILE", help="TOML config (default: the built-in defaults, as in configs/default.toml)")
     train.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[],
                        help="override one config key, e.g. --set model.z_dim=2 (repeatable; values are TOML literals or bare words)")
@@ -49,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", metavar="RUN_DIR", help="run folder to create (default: runs/<config name>)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    _add_device(train)
     _add_data_dir(train)
 
     ev = commands.add_parser("evaluate", help="test ELBO and importance-sampled log-likelihood of a run",
@@ -58,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=0, metavar="N", help="evaluate the first N test images only (default: all)")
     ev.add_argument("--seed", type=int, default=0, help="seed of the importance samples (default 0)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_device(ev)
     _add_data_dir(ev)
 
     ce = commands.add_parser(
@@ -102,6 +115,17 @@ def _overrides(args) -> dict:
 
 
 def _train(args) -> int:
+    try:
+        runtime = setup(args.device)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    try:
+        return _train_on(runtime, args)
+    finally:
+        teardown()
+
+
+def _train_on(runtime, args) -> int:
     checkpoint = None
     if args.resume:
         if args.config or args.out or any(v is not None for k, v in _shorthands(args) if k != "train.epochs") or args.set:
@@ -117,9 +141,24 @@ def _train(args) -> int:
         if (run_dir / CHECKPOINT_NAME).exists():
             raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
     splits = load_splits(config.data.dataset, args.data_dir, config.data.val_size, config.data.train_limit)
-    result = fit(config, splits, run_dir, checkpoint=checkpoint, progress=not args.quiet)
+    try:
+        result = fit(config, splits, run_dir, checkpoint=checkpoint, progress=not args.quiet, device=runtime.device)
+    except RuntimeError as error:
+        if not runtime.distributed:
+            raise
+        # A collective failed: another rank died or the network went. Say so in one line;
+        # the traceback of a gloo/NCCL socket error tells a user nothing more.
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        saved = (f"the last checkpoint in {run_dir} is intact: continue with --resume {run_dir}"
+                 if (run_dir / CHECKPOINT_NAME).exists() else "no checkpoint had been written yet")
+        raise DistributedError(
+            f"rank {runtime.rank} of {runtime.world_size} lost contact with the other processes ({reason}); {saved}"
+        ) from None
+    if not runtime.is_main:
+        return 0 if result.completed else EXIT_INTERRUPTED
     if not result.completed:
-        print(f"stopped; the state is saved. Continue with: pyro-vae train --resume {run_dir}", file=sys.stderr)
+        launcher = "torchrun --nproc_per_node=N -m pyro_vae" if runtime.distributed else "pyro-vae"
+        print(f"stopped; the state is saved. Continue with: {launcher} train --resume {run_dir}", file=sys.stderr)
         return EXIT_INTERRUPTED
     last = result.history[-1] if result.history else {}
     print(json.dumps({"run_dir": str(run_dir), **last}))
@@ -137,7 +176,14 @@ def _trained_and_test(args):
 def _evaluate(args) -> int:
     import torch
 
+    if launched_world_size() > 1:
+        raise ConfigError("evaluate runs in one process; start it without torchrun")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     vae, config, test = _trained_and_test(args)
+    vae.to(device)
     images = test.images[: args.limit] if args.limit else test.images
     torch.manual_seed(args.seed)
     started = time.perf_counter()
@@ -238,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataNotFoundError, CheckpointError) as error:
         print(f"pyro-vae: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except DistributedError as error:
+        print(f"pyro-vae: error: {error}", file=sys.stderr)
+        return EXIT_LOST_RANK
 
 
 if __name__ == "__main__":

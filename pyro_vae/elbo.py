@@ -88,6 +88,11 @@ def make_elbo(name: str = "mc", num_particles: int = 1):
     return ELBOS[name](num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)
 
 
+def _device_of(vae) -> torch.device:
+    tensor = next(iter(vae.state_dict().values()), None)  # a VAE may hold fixed buffers only
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def elbo_per_image(vae, x: torch.Tensor) -> torch.Tensor:
     """One-sample Monte Carlo ELBO of each image: ``log p(x|z) + log p(z) - log q(z|x)``, shape ``(B,)``."""
@@ -98,8 +103,10 @@ def elbo_per_image(vae, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def mean_elbo(vae, images: torch.Tensor, batch_size: int = 1000) -> float:
-    """The one-sample ELBO averaged over ``images`` (nats per image)."""
-    total = sum(elbo_per_image(vae, images[i : i + batch_size]).sum().item() for i in range(0, len(images), batch_size))
+    """The one-sample ELBO averaged over ``images`` (nats per image), batches moved to ``vae``'s device."""
+    device = _device_of(vae)
+    total = sum(elbo_per_image(vae, images[i : i + batch_size].to(device)).sum().item()
+                for i in range(0, len(images), batch_size))
     return total / len(images)
 
 
@@ -193,8 +200,9 @@ def evaluate(vae, images: torch.Tensor, num_samples: int = 1000, batch_size: int
     parts, z_locs, kls = [], [], []
     prior = vae.prior()
     bar = tqdm(total=len(images), desc=f"evaluate K={num_samples}", unit="img", disable=not progress)
+    device = _device_of(vae)
     for start in range(0, len(images), batch_size):
-        x = images[start : start + batch_size]
+        x = images[start : start + batch_size].to(device)
         parts.append(importance_sampled(vae, x, num_samples))
         q = vae.encode(x)
         z_locs.append(q.mean)

@@ -29,8 +29,10 @@ from tqdm.auto import tqdm
 from .checkpoint import CHECKPOINT_NAME, save_checkpoint
 from .config import Config, from_dict, save_config
 from .data import Splits, binarize_once, iterate_batches, prepare
+from .distributed import (ELBOLoss, Runtime, SharedNoise, all_reduce_sum, current_runtime, data_parallel, local_part,
+                          shard_bounds)
 from .elbo import make_elbo, mean_elbo
-from .model import VAE, build_vae
+from .model import LATENT, VAE, build_vae
 
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.toml"
@@ -101,32 +103,45 @@ def fit(
     checkpoint: dict | None = None,
     progress: bool = True,
     callback: Callable[[dict], None] | None = None,
+    device: str | torch.device = "cpu",
 ) -> FitResult:
     """Train a VAE described by ``config`` on ``splits.train``; score ``splits.val`` each epoch.
 
     :param config: a validated :class:`~pyro_vae.config.Config`.
     :param splits: the data, images ``(N, C, H, W)`` in [0, 1]; the test split is not used.
+        They stay where they are (CPU); each batch is moved to ``device``.
     :param run_dir: if given, each epoch appends to ``metrics.jsonl`` and rewrites
         ``checkpoint.pt`` there; ``config.toml`` holds the resolved config.
     :param checkpoint: a state from :func:`~pyro_vae.checkpoint.load_checkpoint` to continue
         from (same config, except possibly ``train.epochs``). The result equals that of an
-        uninterrupted run with the same seed.
+        uninterrupted run with the same seed, whatever the number of processes of either.
     :param progress: show a progress bar.
     :param callback: called with each epoch's metrics record (the dict appended to
         ``history``) after it is saved, e.g. to redraw a live loss plot in a notebook.
+    :param device: ``"cpu"``, ``"cuda"``, ``"auto"`` or a ``torch.device``.
+
+    In a process group (``torchrun``, see :mod:`pyro_vae.distributed`) every rank calls
+    ``fit`` with the same arguments and trains its shard of each batch; only rank 0 writes
+    to ``run_dir``, shows progress and calls ``callback``.
 
     Ctrl-C (or SIGTERM) stops after the current step, saves the state (mid-epoch, so nothing
-    is lost) and returns with ``completed=False``.
+    is lost) and returns with ``completed=False``; in a process group, all ranks stop after
+    the same step.
     """
+    runtime = current_runtime(device)
+    device = runtime.device
     pyro.set_rng_seed(config.train.seed)
     images = _training_images(config, splits)
     val_images = prepare(splits.val, config.data.binarize).images
-    vae = build_vae(config.model, splits.train.image_shape)
+    vae = build_vae(config.model, splits.train.image_shape).to(device)
     optimizer = make_optimizer(vae.parameters(), config.train.lr)
-    loss_fn = make_elbo(config.objective.elbo, config.objective.num_particles).differentiable_loss
+    estimator = make_elbo(config.objective.elbo, config.objective.num_particles)
+    objective = data_parallel(ELBOLoss(vae, estimator), runtime, may_mask=_may_mask(config.objective))
     generator = torch.Generator().manual_seed(config.train.seed)
     dynamic = config.data.binarize == "dynamic"
     recon_weight = config.objective.reconstruction_weight
+    writes = run_dir is not None and runtime.is_main
+    show = progress and runtime.is_main
 
     history: list[dict] = []
     epoch, step, order, partial = 0, 0, None, {"loss": 0.0, "images": 0, "seconds": 0.0}
@@ -136,13 +151,12 @@ def fit(
             raise ValueError("the checkpoint was written with another config; only train.epochs may change on resume")
         vae.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        generator.set_state(checkpoint["rng"]["data"])
+        _set_rng_state(checkpoint["rng"], generator, device)
         epoch, step, history = checkpoint["epoch"], checkpoint["step"], list(checkpoint["history"])
         order = checkpoint.get("order")
         partial = dict(checkpoint.get("partial") or partial)
 
-    if run_dir is not None:
+    if writes:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / CONFIG_NAME)
@@ -155,7 +169,7 @@ def fit(
             "image_shape": list(splits.train.image_shape),
             "model": vae.state_dict(),
             "optimizer": optimizer.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "data": generator.get_state()},
+            "rng": _rng_state(generator, device),
             "epoch": epoch,
             "step": step,
             "order": order_now,
@@ -165,7 +179,7 @@ def fit(
 
     num_steps = math.ceil(len(images) / config.train.batch_size)
     vae.train()
-    with _StopRequest() as stop, _frozen_heap():
+    with _StopRequest(announce=runtime.is_main) as stop, _frozen_heap():
         while epoch < config.train.epochs:
             lr = learning_rate(config, epoch)
             beta = beta_at(config.objective, epoch)
@@ -174,32 +188,43 @@ def fit(
             if order is None:
                 order = torch.randperm(len(images), generator=generator)
             bar = tqdm(total=num_steps, initial=step, desc=f"epoch {epoch + 1}/{config.train.epochs}",
-                       disable=not progress, leave=False, dynamic_ncols=True)
+                       disable=not show, leave=False, dynamic_ncols=True)
             started = time.perf_counter()
-            for index, x in iterate_batches(images, config.train.batch_size, generator, dynamic, order, step):
-                loss = loss_fn(vae.model_body, vae.guide_body, x, beta=beta, reconstruction_weight=recon_weight)
+            stopping = False
+            for index, batch in iterate_batches(images, config.train.batch_size, generator, dynamic, order, step):
+                if runtime.distributed:
+                    begin, end, weight = local_part(len(batch), runtime)
+                    with SharedNoise(LATENT, begin, end, len(batch)):
+                        loss = objective(batch[begin:end].to(device, non_blocking=True), beta=beta,
+                                         reconstruction_weight=recon_weight) * weight
+                else:
+                    loss = objective(batch.to(device, non_blocking=True), beta=beta, reconstruction_weight=recon_weight)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                partial["loss"] += loss.item()
-                partial["images"] += len(x)
+                # one reduction a step: the batch's loss for the logs, and whether any rank
+                # was asked to stop, so that all ranks stop after the same step
+                batch_loss, stops = all_reduce_sum([loss.item() / runtime.world_size, float(stop.requested)], runtime)
+                partial["loss"] += batch_loss
+                partial["images"] += len(batch)
                 step = index + 1  # steps completed in this epoch
-                if progress:
+                if show:
                     bar.update()
                     bar.set_postfix(loss=f"{partial['loss'] / partial['images']:.2f}", refresh=False)
-                if stop.requested:
+                if stops:
+                    stopping = True
                     break
             bar.close()
             partial["seconds"] += time.perf_counter() - started
             if step < num_steps:  # stopped mid-epoch: keep the epoch's order and sums
-                if run_dir is not None:
+                if writes:
                     save_checkpoint(state(order, partial), run_dir / CHECKPOINT_NAME)
                 return FitResult(vae.eval(), config, history, run_dir, completed=False)
             vae.eval()
             record = {
                 "epoch": epoch + 1,
                 "train_loss": partial["loss"] / partial["images"],
-                "val_elbo": mean_elbo(vae, val_images),
+                "val_elbo": _validation_elbo(vae, val_images, runtime),
                 "beta": beta,
                 "lr": lr,
                 "seconds": partial["seconds"],
@@ -209,21 +234,55 @@ def fit(
             vae.train()
             history.append(record)
             epoch, step, order, partial = epoch + 1, 0, None, {"loss": 0.0, "images": 0, "seconds": 0.0}
-            if run_dir is not None:
+            if writes:
                 save_checkpoint(state(), run_dir / CHECKPOINT_NAME)
                 with open(run_dir / METRICS_NAME, "a") as f:
                     f.write(json.dumps(record) + "\n")
-            if callback is not None:
+            if callback is not None and runtime.is_main:
                 callback(record)
-            if progress:
+            if show:
                 tqdm.write(
                     f"epoch {record['epoch']:>4}  train_loss {record['train_loss']:8.3f}  "
                     f"val_elbo {record['val_elbo']:9.3f}  {record['seconds']:6.1f}s  "
                     f"{record['images_per_second']:7.0f} img/s"
                 )
-            if stop.requested:
+            if stopping:
                 return FitResult(vae.eval(), config, history, run_dir, completed=epoch >= config.train.epochs)
     return FitResult(vae.eval(), config, history, run_dir, completed=True)
+
+
+def _may_mask(objective) -> bool:
+    """Whether some step may mask a site, leaving parameters without a gradient."""
+    return objective.reconstruction_weight == 0 or objective.beta == 0 or objective.beta_schedule != "constant"
+
+
+def _validation_elbo(vae: VAE, images: torch.Tensor, runtime: Runtime) -> float:
+    """The mean one-sample ELBO of the validation images, each rank scoring its shard.
+
+    The noise comes from a fork of the random stream, so validation never changes the
+    training's draws: the run takes the same steps whatever the number of ranks that share
+    the validation work.
+    """
+    begin, end = shard_bounds(len(images), runtime.rank, runtime.world_size)
+    forked = [runtime.device] if runtime.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked):
+        total = mean_elbo(vae, images[begin:end]) * (end - begin) if end > begin else 0.0
+    total, count = all_reduce_sum([total, float(end - begin)], runtime)
+    return total / count
+
+
+def _rng_state(generator: torch.Generator, device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "data": generator.get_state()}
+    if device.type == "cuda":  # the latent noise is drawn on the GPU
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, generator: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["data"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 @contextlib.contextmanager
@@ -248,13 +307,20 @@ class _StopRequest:
     """Turn Ctrl-C (SIGINT) and SIGTERM into a request to stop after the current step.
 
     Stopping between steps keeps parameters, optimizer and random state consistent, so the
-    saved state resumes exactly. A second Ctrl-C interrupts at once.
+    saved state resumes exactly. A second Ctrl-C interrupts at once, unless it comes within
+    a second of the first: under torchrun one Ctrl-C reaches each rank twice, from the
+    terminal and again from the launcher, which forwards it.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    REPEAT_SECONDS = 1.0
+
+    def __init__(self, announce: bool = True):
+        self.announce = announce
 
     def __enter__(self):
         self.requested = False
+        self._first = None
         self._previous = {}
         if threading.current_thread() is threading.main_thread():  # signals only go there
             for sig in self.SIGNALS:
@@ -262,10 +328,14 @@ class _StopRequest:
         return self
 
     def _handle(self, signum, frame):
+        now = time.monotonic()
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        tqdm.write("stopping after this step and saving (Ctrl-C again to abort at once)")
+            if now - self._first > self.REPEAT_SECONDS:
+                raise KeyboardInterrupt
+            return
+        self.requested, self._first = True, now
+        if self.announce:
+            tqdm.write("stopping after this step and saving (Ctrl-C again to abort at once)")
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():

@@ -159,3 +159,15 @@ def test_compare_elbo_on_a_run_and_side_by_side(tmp_path, mnist_dir):
     records = json.loads((out / "training_comparison.json").read_text())
     assert [r["estimator"] for r in records] == ["mc", "iwae:2"]
     assert (out / "training_comparison.png").is_file()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("command", [["train"], ["evaluate", "runs/none"]])
+def test_cuda_without_a_gpu_is_a_one_line_error(tmp_path, command):
+    result = run(*command, "--device", "cuda", cwd=tmp_path)
+    assert_one_line_error(result, "cuda", "no CUDA device")
+
+
+def test_evaluate_refuses_torchrun(tmp_path):
+    result = run("evaluate", "runs/none", cwd=tmp_path, env={"WORLD_SIZE": "2"})
+    assert_one_line_error(result, "one process", "torchrun")

@@ -169,3 +169,19 @@ def test_without_the_reconstruction_term_the_posterior_collapses(splits, tiny_co
         collapsed_kl = kl_divergence(vae.encode(splits.test.images), vae.prior()).mean().item()
         normal_kl = kl_divergence(normal.encode(splits.test.images), normal.prior()).mean().item()
     assert collapsed_kl < 0.05 < 1.0 < normal_kl
+
+
+def test_a_repeated_signal_within_a_second_is_the_same_request(monkeypatch):
+    """torchrun forwards the terminal's Ctrl-C, so each rank sees it twice: one request."""
+    import time
+
+    from pyro_vae.train import _StopRequest
+
+    with _StopRequest(announce=False) as stop:
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested
+        monkeypatch.setattr(_StopRequest, "REPEAT_SECONDS", 0.0)
+        time.sleep(0.01)
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C, later: abort at once
+            signal.raise_signal(signal.SIGINT)

@@ -1,0 +1,229 @@
+"""Data-parallel training: the pieces in one process, then real two-process runs (gloo, torchrun).
+
+The two-process tests start ``torchrun`` themselves, on CPU, with a time limit, and compare
+with a single-process :func:`pyro_vae.fit` of the same config in this process.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+from pyro import poutine
+
+from pyro_vae.checkpoint import load_checkpoint
+from pyro_vae.config import load_config
+from pyro_vae.data import load_splits
+from pyro_vae.distributed import ELBOLoss, SharedNoise, resolve_device, shard_bounds
+from pyro_vae.elbo import make_elbo
+from pyro_vae.model import LATENT, build_vae
+from pyro_vae.train import fit
+
+TIMEOUT = 180  # seconds for one torchrun launch; a hang fails the test instead of CI
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 100, 101])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_shards_cover_the_batch_in_order_and_differ_by_at_most_one(size, world_size):
+    bounds = [shard_bounds(size, rank, world_size) for rank in range(world_size)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == size
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    lengths = [end - begin for begin, end in bounds]
+    assert max(lengths) - min(lengths) <= 1
+
+
+def _vae(image_shape=(1, 6, 5), z_dim=3):
+    config = load_config(None, {"model.z_dim": z_dim, "model.hidden_dim": 16})
+    return build_vae(config.model, image_shape)
+
+
+def _batch(n=7, image_shape=(1, 6, 5)):
+    return torch.bernoulli(torch.full((n, *image_shape), 0.4), generator=torch.Generator().manual_seed(0))
+
+
+def test_shared_noise_gives_each_rank_the_single_process_draws():
+    vae, x = _vae(), _batch()
+    pyro.set_rng_seed(3)
+    z = poutine.trace(vae.guide_body).get_trace(x).nodes[LATENT]["value"]
+    for rank in range(3):
+        begin, end = shard_bounds(len(x), rank, 3)
+        pyro.set_rng_seed(3)  # every rank holds the same random stream
+        with SharedNoise(LATENT, begin, end, len(x)):
+            shard_z = poutine.trace(vae.guide_body).get_trace(x[begin:end]).nodes[LATENT]["value"]
+        assert torch.equal(shard_z, z[begin:end])
+
+
+@pytest.mark.parametrize("estimator, particles", [("mc", 1), ("analytic", 1), ("mc", 3), ("iwae", 4)])
+def test_shard_losses_add_up_to_the_batch_loss_and_gradient(estimator, particles):
+    """What DDP relies on: summing the shards' losses (and gradients) gives the whole batch's."""
+    vae, x = _vae(), _batch()
+    loss = ELBOLoss(vae, make_elbo(estimator, particles))
+    pyro.set_rng_seed(5)
+    full = loss(x, beta=0.7)
+    full_grads = torch.autograd.grad(full, list(vae.parameters()))
+    total, total_grads = 0.0, [torch.zeros_like(p) for p in vae.parameters()]
+    for rank in range(3):
+        begin, end = shard_bounds(len(x), rank, 3)
+        pyro.set_rng_seed(5)
+        with SharedNoise(LATENT, begin, end, len(x)):
+            part = loss(x[begin:end], beta=0.7)
+        total = total + part
+        for acc, g in zip(total_grads, torch.autograd.grad(part, list(vae.parameters()))):
+            acc += g
+    torch.testing.assert_close(total, full, rtol=1e-5, atol=1e-4)
+    for a, b in zip(total_grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_rank_with_an_empty_shard_scores_one_image_with_weight_zero():
+    from pyro_vae.distributed import Runtime, local_part
+
+    assert local_part(1, Runtime(rank=1, world_size=2)) == (0, 1, 0.0)
+    assert local_part(1, Runtime(rank=0, world_size=2)) == (0, 1, 2.0)
+    assert local_part(101, Runtime(rank=1, world_size=2)) == (51, 101, 2.0)
+
+
+def test_devices():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="choose one of"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda")
+
+
+def test_fit_on_an_explicit_device_matches_the_default(splits, tiny_config):
+    a = fit(tiny_config, splits, progress=False).history
+    b = fit(tiny_config, splits, progress=False, device=torch.device("cpu")).history
+    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
+
+
+# ---------------------------------------------------------------- two processes, torchrun
+
+# 1011 images in batches of 101: ten full batches (shards of 51 and 50 images) and a last
+# batch of one image, so that one rank's shard is empty.
+OVERRIDES = {
+    "data.train_limit": 1011, "data.val_size": 500, "train.batch_size": 101, "train.epochs": 2,
+    "model.hidden_dim": 64, "model.z_dim": 8,
+}
+
+
+def _cli_args(overrides):
+    args = []
+    for key, value in overrides.items():
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+def _torchrun(*args, cwd, timeout=TIMEOUT):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    started = time.monotonic()
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return result, time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, mnist_dir):
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    result, _ = _torchrun("-m", "pyro_vae", "train", *_cli_args(OVERRIDES), "--out", str(out), "--quiet",
+                          "--device", "cpu", "--data-dir", str(mnist_dir), cwd=out.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def mnist_subset(mnist_dir):
+    return load_splits("mnist", mnist_dir, val_size=OVERRIDES["data.val_size"],
+                       train_limit=OVERRIDES["data.train_limit"])
+
+
+def _assert_same_parameters(state, vae):
+    for name, value in vae.state_dict().items():
+        torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=f"parameter {name}")
+
+
+@pytest.mark.mnist
+def test_two_processes_take_the_steps_of_one(two_process_run, mnist_subset):
+    config = load_config(None, OVERRIDES)
+    single = fit(config, mnist_subset, progress=False)
+    state = load_checkpoint(two_process_run)
+    assert state["step"] == 0 and state["epoch"] == 2  # 22 steps, the last with an empty shard
+    _assert_same_parameters(state["model"], single.vae)
+    for ours, theirs in zip(state["history"], single.history):
+        assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-5)
+        assert ours["val_elbo"] == pytest.approx(theirs["val_elbo"], abs=2.0)  # different noise per shard
+    # only rank 0 wrote the run folder: one metrics line per epoch
+    assert len((two_process_run / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.mnist
+def test_a_two_process_checkpoint_resumes_in_one_process(two_process_run, mnist_subset):
+    config = load_config(None, {**OVERRIDES, "train.epochs": 3})
+    resumed = fit(config, mnist_subset, run_dir=two_process_run, checkpoint=load_checkpoint(two_process_run),
+                  progress=False)
+    uninterrupted = fit(config, mnist_subset, progress=False)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    _assert_same_parameters(resumed.vae.state_dict(), uninterrupted.vae)
+
+
+DYING_RANK = textwrap.dedent("""
+    # Rank 1 dies (exit status 17) at its fourth step; rank 0 must stop with a clear error.
+    import os, sys
+    import pyro_vae.train as train
+    from pyro_vae.cli import main
+
+    batches = train.iterate_batches
+
+    def dying(*args, **kwargs):
+        for i, item in enumerate(batches(*args, **kwargs)):
+            if i == 3 and os.environ["RANK"] == "1":
+                os._exit(17)
+            yield item
+
+    train.iterate_batches = dying
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.mnist
+def test_a_rank_that_dies_stops_the_other_with_a_clear_error(tmp_path, mnist_dir):
+    script = tmp_path / "dying_rank.py"
+    script.write_text(DYING_RANK)
+    result, seconds = _torchrun(str(script), "train", *_cli_args(OVERRIDES), "--out", str(tmp_path / "run"),
+                                "--quiet", "--device", "cpu", "--data-dir", str(mnist_dir), cwd=tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert "exitcode  : 17" in result.stderr  # torchrun names the rank that died
+    assert "pyro-vae: error: rank 0 of 2 lost contact with the other processes" in result.stderr
+    assert seconds < 90, f"the surviving rank took {seconds:.0f} s to stop"
+
+
+@pytest.mark.mnist
+def test_torchrun_stop_saves_once_and_resumes(tmp_path, mnist_dir):
+    """SIGTERM to both ranks (what torchrun sends them on Ctrl-C): they stop after the same step."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pyro_vae",
+               "train", *_cli_args({**OVERRIDES, "train.epochs": 200}), "--out", str(out), "--quiet",
+               "--device", "cpu", "--data-dir", str(mnist_dir)]
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (out / "checkpoint.pt").exists(), "no epoch finished in 120 s"
+        os.killpg(process.pid, 15)  # the launcher and both ranks, as a terminal's Ctrl-C would
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, 9)
+    assert "stopped; the state is saved" in stderr
+    state = load_checkpoint(out)
+    assert 1 <= state["epoch"] < 200
