@@ -5,6 +5,7 @@ with a single-process :func:`pyro_vae.fit` of the same config in this process.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -163,14 +164,30 @@ def test_two_processes_take_the_steps_of_one(two_process_run, mnist_subset):
     assert len((two_process_run / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+@pytest.fixture(scope="module")
+def three_epochs_in_one_process(mnist_subset):
+    return fit(load_config(None, {**OVERRIDES, "train.epochs": 3}), mnist_subset, progress=False)
+
+
 @pytest.mark.mnist
-def test_a_two_process_checkpoint_resumes_in_one_process(two_process_run, mnist_subset):
+def test_a_two_process_checkpoint_resumes_in_one_process(two_process_run, mnist_subset, tmp_path,
+                                                         three_epochs_in_one_process):
+    run = Path(shutil.copytree(two_process_run, tmp_path / "run"))
     config = load_config(None, {**OVERRIDES, "train.epochs": 3})
-    resumed = fit(config, mnist_subset, run_dir=two_process_run, checkpoint=load_checkpoint(two_process_run),
-                  progress=False)
-    uninterrupted = fit(config, mnist_subset, progress=False)
+    resumed = fit(config, mnist_subset, run_dir=run, checkpoint=load_checkpoint(run), progress=False)
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
-    _assert_same_parameters(resumed.vae.state_dict(), uninterrupted.vae)
+    _assert_same_parameters(resumed.vae.state_dict(), three_epochs_in_one_process.vae)
+
+
+@pytest.mark.mnist
+def test_torchrun_resume_continues_a_run(two_process_run, tmp_path, mnist_dir, three_epochs_in_one_process):
+    run = Path(shutil.copytree(two_process_run, tmp_path / "run"))
+    result, _ = _torchrun("-m", "pyro_vae", "train", "--resume", str(run), "--epochs", "3", "--quiet",
+                          "--device", "cpu", "--data-dir", str(mnist_dir), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = load_checkpoint(run)
+    assert state["epoch"] == 3
+    _assert_same_parameters(state["model"], three_epochs_in_one_process.vae)
 
 
 DYING_RANK = textwrap.dedent("""
