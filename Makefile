@@ -6,7 +6,7 @@ CONFIG ?= configs/default.toml
 RUN ?= runs/$(basename $(notdir $(CONFIG)))
 PYTEST_ARGS ?=
 
-.PHONY: install train test bench clean
+.PHONY: install train test bench bench-distributed clean
 
 # Re-install when the dependency list or the pinned versions change.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -28,6 +28,10 @@ test: install
 # Seconds per epoch: plain PyTorch vs a minimal Pyro SVI loop vs pyro_vae (idle machine!).
 bench: install
 	$(BIN)/python benchmarks/speed.py
+
+# Images per second with 1 and 2 processes (torchrun, gloo; idle machine!).
+bench-distributed: install
+	$(BIN)/python benchmarks/distributed.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
