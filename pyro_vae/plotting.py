@@ -179,3 +179,94 @@ def plot_learning_curves(histories: dict[str, list[dict]]) -> Figure:
     ax.grid(alpha=0.3)
     ax.legend(title="trained with")
     return fig
+
+
+def plot_interpolations(paths: torch.Tensor, ends: torch.Tensor | None = None) -> Figure:
+    """Rows of images along latent paths: ``paths`` ``(R, S, C, H, W)``, S steps per row.
+
+    With ``ends`` ``(R, 2, C, H, W)`` (e.g. the two inputs whose codes a row joins), each row
+    starts with ``ends[:, 0]`` and finishes with ``ends[:, 1]``.
+    """
+    rows = paths if ends is None else torch.cat([ends[:, :1], paths, ends[:, 1:]], dim=1)
+    num_rows, num_cols = rows.shape[:2]
+    fig = Figure(figsize=(num_cols * 0.7, num_rows * 0.7 + 0.5), layout="constrained")
+    title = "mean of p(x|z) along a straight line between two codes"
+    if ends is not None:
+        title += " (the inputs at both ends)"
+    _show(fig.add_subplot(), _tile(rows.flatten(0, 1), num_cols), title)
+    return fig
+
+
+def plot_rate_distortion(rates, distortions, labels, title: str = "rate-distortion") -> Figure:
+    """Models as points in the rate-distortion plane (Alemi et al. 2018, Fixing a Broken ELBO).
+
+    ``rates``: KL(q(z|x) || p(z)) per image, ``distortions``: -E_q[log p(x|z)] per image, one
+    number per model (length N each), ``labels``: N names. The dashed lines are of constant
+    ELBO (``-(rate + distortion)``), one through each point.
+    """
+    rates, distortions = [float(r) for r in rates], [float(d) for d in distortions]
+    fig = Figure(figsize=(6.5, 5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(rates, distortions, "o-", color="C0")
+    margin = 0.15 * (max(rates) - min(rates) + 1)
+    left, right = min(rates) - margin, max(rates) + margin
+    for rate, distortion, label in zip(rates, distortions, labels):
+        ax.annotate(label, (rate, distortion), textcoords="offset points", xytext=(6, 6))
+        total = rate + distortion
+        ax.plot([left, right], [total - left, total - right], "--", color="0.6", lw=0.8)
+    ax.set_xlim(left, right)
+    spread = max(distortions) - min(distortions) + 1
+    ax.set_ylim(min(distortions) - 0.15 * spread, max(distortions) + 0.15 * spread)
+    ax.set_xlabel("rate: KL(q(z|x) || p(z)) (nats per image)")
+    ax.set_ylabel("distortion: -E_q[log p(x|z)] (nats per image)")
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{title} (dashed: equal ELBO)")
+    return fig
+
+
+def plot_latent_dimensions(kl_per_dimension, activity, threshold: float = 0.01) -> Figure:
+    """KL per latent dimension and its activity, dimensions sorted by KL.
+
+    ``kl_per_dimension``: ``(z_dim,)`` mean KL(q(z_d|x) || p(z_d)) over images; ``activity``:
+    ``(z_dim,)`` Cov_x(E[z_d|x]); a dimension is active above ``threshold`` (Burda et al. 2015).
+    """
+    kl, activity = torch.as_tensor(kl_per_dimension).cpu(), torch.as_tensor(activity).cpu()
+    order = kl.argsort(descending=True)
+    active = activity[order] > threshold
+    colors = ["C0" if a else "C7" for a in active.tolist()]
+    positions = list(range(len(kl)))
+    fig = Figure(figsize=(10, 5), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    top.bar(positions, kl[order].tolist(), color=colors)
+    top.set_ylabel("KL (nats per image)")
+    top.set_title(f"latent dimensions, sorted by KL: {int(active.sum())} of {len(kl)} active (blue)")
+    bottom.bar(positions, activity[order].clamp_min(1e-6).tolist(), color=colors)
+    bottom.axhline(threshold, color="k", ls="--", lw=0.8, label=f"threshold {threshold}")
+    bottom.set_yscale("log")
+    bottom.set_ylabel("activity Cov_x(E[z_d|x])")
+    bottom.set_xlabel("latent dimensions, by decreasing KL")
+    bottom.legend()
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3, axis="y")
+    return fig
+
+
+def plot_iwae_bounds(bounds: dict, exact: float | None = None,
+                     title: str = "importance-weighted bounds tighten with K") -> Figure:
+    """The K-sample importance-weighted bound against K (log scale): ``{K: nats per image}``,
+    e.g. ``evaluate(...)["iwae_bounds"]`` (keys may be strings). ``exact``: log p(x) if known.
+    """
+    ks = sorted(int(k) for k in bounds)
+    values = [float(bounds[k] if k in bounds else bounds[str(k)]) for k in ks]
+    fig = Figure(figsize=(6.5, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(ks, values, "o-", label="K-sample bound (K = 1: the ELBO)")
+    if exact is not None:
+        ax.axhline(exact, color="k", ls="--", lw=1, label="exact log p(x)")
+    ax.set_xscale("log")
+    ax.set_xlabel("K, importance samples per image")
+    ax.set_ylabel("nats per image")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    return fig

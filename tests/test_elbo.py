@@ -1,4 +1,5 @@
-"""Evaluation estimators against exact answers on a linear-Gaussian VAE (probabilistic PCA).
+"""Evaluation estimators against exact answers on a linear-Gaussian VAE (probabilistic PCA,
+`pyro_vae.linear_gaussian`).
 
 With z ~ N(0, I) and x ~ N(Wz + b, s^2 I), log p(x) = log N(x; b, W W^T + s^2 I) exactly, and
 the posterior is Gaussian: Cov = (I + W^T W / s^2)^-1, mean = Cov W^T (x - b) / s^2.
@@ -7,61 +8,13 @@ the posterior is Gaussian: Cov = (I + W^T W / s^2)^-1, mean = Cov W^T (x - b) / 
 import math
 
 import pyro
-import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import Trace_ELBO
-from torch import nn
 
 import pyro_vae.elbo as elbo_module
 from pyro_vae.elbo import IWAE_ELBO, elbo_per_image, evaluate, importance_sampled, make_elbo, mean_elbo
-from pyro_vae.model import VAE
-from pyro_vae.priors import StandardNormal
-
-SHAPE = (1, 2, 3)
-X_DIM, Z_DIM, NOISE = 6, 2, 0.5
-
-
-class LinearDecoder(nn.Module):
-    def __init__(self, W, b):
-        super().__init__()
-        self.W, self.b = W, b
-
-    def forward(self, z):
-        return (z @ self.W.T + self.b).unflatten(-1, SHAPE)
-
-
-class GaussianPixels(nn.Module):
-    def forward(self, loc):
-        return dist.Normal(loc, NOISE).to_event(3)
-
-
-class PosteriorEncoder(nn.Module):
-    """The exact posterior, optionally distorted (shifted mean, inflated scale)."""
-
-    def __init__(self, W, b, shift=0.0, inflate=1.0):
-        super().__init__()
-        self.W, self.b, self.shift, self.inflate = W, b, shift, inflate
-        self.cov = torch.linalg.inv(torch.eye(Z_DIM) + W.T @ W / NOISE**2)
-
-    def forward(self, x):
-        loc = (x.flatten(1) - self.b) @ self.W @ self.cov.T / NOISE**2
-        # a diagonal guide: exact only when the posterior covariance is diagonal
-        scale = self.cov.diagonal().sqrt().expand_as(loc)
-        return loc + self.shift, scale * self.inflate
-
-
-def linear_gaussian(diagonal_posterior=True, **distortion):
-    g = torch.Generator().manual_seed(0)
-    W = torch.randn(X_DIM, Z_DIM, generator=g)
-    if diagonal_posterior:  # orthogonal columns make W^T W, hence the posterior, diagonal
-        W = torch.linalg.qr(W).Q * torch.tensor([2.0, 1.0])
-    b = torch.randn(X_DIM, generator=g)
-    vae = VAE(PosteriorEncoder(W, b, **distortion), LinearDecoder(W, b), GaussianPixels(), StandardNormal(Z_DIM))
-    marginal = dist.MultivariateNormal(b, W @ W.T + NOISE**2 * torch.eye(X_DIM))
-    torch.manual_seed(1)
-    x = marginal.sample((50,)).reshape(50, *SHAPE)
-    return vae, x, marginal.log_prob(x.flatten(1))
+from pyro_vae.linear_gaussian import X_DIM, linear_gaussian
 
 
 def test_exact_posterior_gives_exact_log_likelihood_and_elbo():

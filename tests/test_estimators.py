@@ -10,10 +10,9 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from pyro_vae.compare import compare_estimators, parse_estimator, train_side_by_side
 from pyro_vae.config import load_config
+from pyro_vae.linear_gaussian import linear_gaussian
 from pyro_vae.model import build_vae
 from pyro_vae.priors import make_prior
-
-from test_elbo import linear_gaussian
 
 
 def per_image_estimates(estimator, vae, x, draws, seed=0):

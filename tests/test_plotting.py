@@ -11,8 +11,12 @@ from pyro_vae.plotting import (
     make_figures,
     plot_estimator_comparison,
     plot_image_panels,
+    plot_interpolations,
+    plot_iwae_bounds,
+    plot_latent_dimensions,
     plot_learning_curves,
     plot_manifold,
+    plot_rate_distortion,
     principal_components,
 )
 
@@ -77,3 +81,40 @@ def test_comparison_figures():
     assert len(plot_estimator_comparison(records).axes) == 3
     curves = plot_learning_curves({"mc": [{"epoch": 1, "val_elbo": -120.0}], "iwae:5": [{"epoch": 1, "val_elbo": -118.0}]})
     assert [line.get_label() for line in curves.axes[0].get_lines()] == ["mc", "iwae:5"]
+
+
+def test_interpolations_put_the_ends_around_each_path():
+    paths, ends = torch.rand(3, 5, 1, 4, 4), torch.rand(3, 2, 1, 4, 4)
+    image = plot_interpolations(paths, ends).axes[0].get_images()[0].get_array()
+    assert image.shape == (3 * 5 - 1, 7 * 5 - 1)  # 3 rows of 5 + 2 images, 1-pixel gutters
+    torch.testing.assert_close(torch.as_tensor(image[:4, :4]), ends[0, 0, 0])
+    torch.testing.assert_close(torch.as_tensor(image[:4, 5:9]), paths[0, 0, 0])
+    torch.testing.assert_close(torch.as_tensor(image[5:9, -4:]), ends[1, 1, 0])
+    assert plot_interpolations(paths).axes[0].get_images()[0].get_array().shape == (14, 24)
+
+
+def test_rate_distortion_points_and_equal_elbo_lines():
+    figure = plot_rate_distortion([48.0, 29.6, 9.3], [56.7, 69.6, 109.0], ["0.5", "1", "4"])
+    points, *diagonals = figure.axes[0].get_lines()
+    assert list(points.get_xdata()) == [48.0, 29.6, 9.3]
+    assert [t.get_text() for t in figure.axes[0].texts] == ["0.5", "1", "4"]
+    assert len(diagonals) == 3
+    for line, total in zip(diagonals, [104.7, 99.2, 118.3]):  # rate + distortion is constant on each
+        x, y = line.get_xdata(), line.get_ydata()
+        assert x[0] + y[0] == pytest.approx(total) and x[1] + y[1] == pytest.approx(total)
+
+
+def test_latent_dimensions_sorted_by_kl_and_coloured_by_activity():
+    kl, activity = torch.tensor([0.1, 5.0, 2.0]), torch.tensor([0.001, 1.0, 0.5])
+    figure = plot_latent_dimensions(kl, activity, threshold=0.01)
+    top, bottom = figure.axes
+    assert [bar.get_height() for bar in top.patches] == pytest.approx([5.0, 2.0, 0.1])
+    assert [bar.get_height() for bar in bottom.patches] == pytest.approx([1.0, 0.5, 0.001])
+    assert "2 of 3 active" in top.get_title()
+
+
+def test_iwae_bounds_sorted_by_k_with_the_exact_value():
+    figure = plot_iwae_bounds({"50": -93.5, "1": -98.3, "5": -95.3}, exact=-92.0)
+    bound, exact = figure.axes[0].get_lines()
+    assert list(bound.get_xdata()) == [1, 5, 50] and list(bound.get_ydata()) == [-98.3, -95.3, -93.5]
+    assert list(exact.get_ydata()) == [-92.0, -92.0]
