@@ -6,7 +6,8 @@ start-up excluded) from the run's ``metrics.jsonl``: the median over the epochs 
 first. Settings run alternately, so a change in the machine's load hits all of them, and
 the script prints the medians side by side, with the ratio to one process.
 
-    python benchmarks/distributed.py --data-dir ../shared/data --epochs 4 --rounds 2
+    python benchmarks/distributed.py --data-dir ../shared/data --epochs 4 --rounds 3
+    python benchmarks/distributed.py --data-dir ../shared/data --set train.batch_size=1024
 
 The settings on a machine with C cores: one process with C threads (what ``pyro-vae
 train`` does alone), one process with C / P threads, and P processes with C / P threads
@@ -35,6 +36,8 @@ def train_once(processes: int, threads: int, args, out: Path) -> dict:
     ]
     if args.data_dir:
         command += ["--data-dir", args.data_dir]
+    for item in args.set:
+        command += ["--set", item]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     started = time.perf_counter()
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -54,6 +57,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--processes", type=int, default=2, help="P, the number of processes to compare with one")
     parser.add_argument("--data-dir")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config overrides for every run, e.g. --set train.batch_size=1024")
     args = parser.parse_args()
 
     cores = os.cpu_count() or 1
@@ -71,7 +76,7 @@ def main() -> None:
                 results[name].append(train_once(processes, threads, args, out))
                 print(f"round {round_ + 1}: {name}: {results[name][-1]['images_per_second']:.0f} img/s", flush=True)
 
-    print(f"\n{args.config}, {args.epochs} epochs per run, {args.rounds} rounds, {cores} CPU cores")
+    print(f"\n{args.config} {' '.join(args.set)}, {args.epochs} epochs per run, {args.rounds} rounds, {cores} CPU cores")
     print(f"{'setting':<30} {'images/s':>10} {'ratio':>7} {'wall s':>8} {'val ELBO':>10}")
     baseline = statistics.median(r["images_per_second"] for r in results[settings[0][0]])
     for name, _, _ in settings:
