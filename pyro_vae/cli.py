@@ -17,7 +17,8 @@ from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, load_
 from .config import ConfigError, from_dict, load_config, parse_override
 from .data import DATA_ENV, DataNotFoundError, load_splits, prepare
 from .compare import DEFAULT_ESTIMATORS
-from .distributed import DEVICES, DistributedError, launched_world_size, resolve_device, setup, teardown
+from .distributed import (DEVICES, DistributedError, is_communication_error, launched_world_size, resolve_device, setup,
+                          teardown)
 from .elbo import evaluate
 from .train import METRICS_NAME, fit
 
@@ -144,7 +145,7 @@ def _train_on(runtime, args) -> int:
     try:
         result = fit(config, splits, run_dir, checkpoint=checkpoint, progress=not args.quiet, device=runtime.device)
     except RuntimeError as error:
-        if not runtime.distributed:
+        if not (runtime.distributed and is_communication_error(error)):
             raise
         # A collective failed: another rank died or the network went. Say so in one line;
         # the traceback of a gloo/NCCL socket error tells a user nothing more.

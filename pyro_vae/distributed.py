@@ -54,6 +54,18 @@ class Runtime:
         return self.world_size > 1
 
 
+def is_communication_error(error: BaseException) -> bool:
+    """Whether ``error`` comes from a collective whose peers went away, not from a bug.
+
+    torch raises ``DistError`` subclasses for some failures, and a plain ``RuntimeError``
+    naming the backend for others (gloo: "Connection reset by peer", "Connection closed").
+    """
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    message = str(error)
+    return isinstance(error, RuntimeError) and any(word in message for word in ("gloo", "NCCL", "Connection"))
+
+
 def resolve_device(name: str | torch.device, local_rank: int = 0) -> torch.device:
     """``"cpu"``, ``"cuda"`` (the GPU of this local rank) or ``"auto"`` (CUDA if available)."""
     if isinstance(name, torch.device):

@@ -89,6 +89,16 @@ def test_a_rank_with_an_empty_shard_scores_one_image_with_weight_zero():
     assert local_part(101, Runtime(rank=1, world_size=2)) == (51, 101, 2.0)
 
 
+def test_communication_errors_are_told_from_bugs():
+    from pyro_vae.distributed import is_communication_error
+
+    gloo = RuntimeError("[third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:7044: "
+                        "Connection reset by peer.")
+    assert is_communication_error(gloo)
+    assert not is_communication_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_communication_error(ValueError("Connection"))
+
+
 def test_devices():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
