@@ -6,7 +6,7 @@ CONFIG ?= configs/default.toml
 RUN ?= runs/$(basename $(notdir $(CONFIG)))
 PYTEST_ARGS ?=
 
-.PHONY: install train test bench bench-distributed clean
+.PHONY: install train test notebooks bench bench-distributed clean
 
 # Re-install when the dependency list or the pinned versions change.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -24,6 +24,10 @@ train: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Execute the four notebooks in place, full setting (about 26 minutes on 2 CPU cores).
+notebooks: install
+	$(BIN)/python notebooks/execute.py
 
 # Seconds per epoch: plain PyTorch vs a minimal Pyro SVI loop vs pyro_vae (idle machine!).
 bench: install
