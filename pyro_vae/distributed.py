@@ -81,6 +81,10 @@ def resolve_device(name: str | torch.device, local_rank: int = 0) -> torch.devic
     return torch.device("cpu")
 
 
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def launched_world_size() -> int:
     """The number of processes torchrun started (1 when not launched by torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -92,8 +96,7 @@ def setup(device: str | torch.device = "auto") -> Runtime:
     torchrun sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and
     ``MASTER_PORT``; without them this is a single process and nothing is initialized.
     """
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device, local_rank)
+    device = resolve_device(device, _local_rank())
     if launched_world_size() == 1:
         return Runtime(device)
     if device.type == "cuda":
@@ -106,7 +109,7 @@ def setup(device: str | torch.device = "auto") -> Runtime:
 def current_runtime(device: str | torch.device = "cpu") -> Runtime:
     """The runtime of an already initialized process group (or a single process) on ``device``."""
     if dist.is_available() and dist.is_initialized():
-        return Runtime(resolve_device(device, int(os.environ.get("LOCAL_RANK", "0"))), dist.get_rank(),
+        return Runtime(resolve_device(device, _local_rank()), dist.get_rank(),
                        dist.get_world_size())
     return Runtime(resolve_device(device))
 

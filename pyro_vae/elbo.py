@@ -10,6 +10,7 @@ References:
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import NamedTuple
 
@@ -89,7 +90,7 @@ def make_elbo(name: str = "mc", num_particles: int = 1):
 
 
 def _device_of(vae) -> torch.device:
-    tensor = next(iter(vae.state_dict().values()), None)  # a VAE may hold fixed buffers only
+    tensor = next(itertools.chain(vae.parameters(), vae.buffers()), None)  # a VAE may hold fixed buffers only
     return tensor.device if tensor is not None else torch.device("cpu")
 
 

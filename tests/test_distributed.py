@@ -132,11 +132,15 @@ def _cli_args(overrides):
     return args
 
 
+#: torchrun with two processes of one thread each (2 cores), as a command and its environment
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+TORCHRUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
 def _torchrun(*args, cwd, timeout=TIMEOUT):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
     started = time.monotonic()
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run([*TORCHRUN, *args], cwd=cwd, env=TORCHRUN_ENV, capture_output=True, text=True,
+                            timeout=timeout)
     return result, time.monotonic() - started
 
 
@@ -232,14 +236,12 @@ def test_a_rank_that_dies_stops_the_other_with_a_clear_error(tmp_path, mnist_dir
 
 
 @pytest.mark.mnist
-def test_torchrun_stop_saves_once_and_resumes(tmp_path, mnist_dir):
-    """SIGTERM to both ranks (what torchrun sends them on Ctrl-C): they stop after the same step."""
+def test_a_stopped_torchrun_run_saves_its_state(tmp_path, mnist_dir):
+    """SIGTERM to both ranks (what torchrun sends them on Ctrl-C): they stop together and save."""
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pyro_vae",
-               "train", *_cli_args({**OVERRIDES, "train.epochs": 200}), "--out", str(out), "--quiet",
-               "--device", "cpu", "--data-dir", str(mnist_dir)]
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    command = [*TORCHRUN, "-m", "pyro_vae", "train", *_cli_args({**OVERRIDES, "train.epochs": 200}), "--out", str(out),
+               "--quiet", "--device", "cpu", "--data-dir", str(mnist_dir)]
+    process = subprocess.Popen(command, cwd=tmp_path, env=TORCHRUN_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
