@@ -6,7 +6,7 @@ CONFIG ?= configs/default.toml
 RUN ?= runs/$(basename $(notdir $(CONFIG)))
 PYTEST_ARGS ?=
 
-.PHONY: install train test notebooks bench bench-distributed clean
+.PHONY: install train test test-seeds notebooks bench bench-distributed clean
 
 # Re-install when the dependency list or the pinned versions change.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -24,6 +24,12 @@ train: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The statistical tests once per seed 1..20, each test id naming its seed (test_x[seed=7]).
+# Each states its false-failure rate per run, so a failure is a bug or a wrong tolerance.
+SEEDS ?= 1-20
+test-seeds: install
+	$(BIN)/python -m pytest -m statistical --seed $(SEEDS) $(PYTEST_ARGS)
 
 # Execute the four notebooks in place, full setting (about 26 minutes on 2 CPU cores).
 notebooks: install

@@ -3,13 +3,20 @@
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
 ``torch.load(..., weights_only=True)``: opening a checkpoint never runs code from the file.
 It is written to a temporary file in the same folder and renamed over the old one, so a
-crash while saving leaves the previous checkpoint intact.
+crash while saving leaves the previous checkpoint intact; the file and then the folder are
+fsync'ed around the rename, so a power cut cannot leave the new name pointing at lost data.
+A process killed while writing leaves its temporary file behind: :func:`remove_stale_temporaries`
+deletes them when the next run starts in that folder.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import os
+import pickle
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,33 +30,110 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated, corrupted or not a pyro-vae checkpoint."""
 
 
+class RunExistsError(FileExistsError):
+    """A run folder already holds a checkpoint, and the call would start a new run over it."""
+
+
+class DiskFullError(OSError):
+    """A file of a run could not be written because its file system is full (or over quota)."""
+
+
+#: errno values that mean "no room left" rather than a bug or a permission problem
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in NO_SPACE
+
+
+def _temporary_prefix(name: str) -> str:
+    return f".{name}."
+
+
 def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Write ``state`` to ``path`` atomically (temporary file, fsync, rename)."""
+    """Write ``state`` to ``path`` atomically (temporary file, fsync, rename, fsync of the folder).
+
+    The state is serialized in memory first and then written with one ``write``: a full disk
+    is then an ``OSError`` with ``errno.ENOSPC`` (raised as :class:`DiskFullError`), not an
+    error from inside torch's zip writer. The temporary file is removed on any failure.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path.name), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+        _fsync_folder(path.parent)
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if is_disk_full(error):
+            raise DiskFullError(error.errno, f"no space left to write {path}") from None
         raise
 
 
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder; the rename still happened
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(folder: str | Path, name: str = CHECKPOINT_NAME) -> list[Path]:
+    """Delete the temporary files that a process killed while saving ``name`` left in ``folder``.
+
+    Only call this when no other process is writing to the folder. Returns the removed paths.
+    """
+    stale = sorted(Path(folder).glob(f"{_temporary_prefix(name)}*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def _unreadable_reason(error: Exception) -> str:
+    # torch's own messages advise re-running torch.load with weights_only=False, which is the
+    # wrong advice about a file of unknown origin: say what the file is, in our words.
+    if isinstance(error, EOFError):
+        return "the file is empty or ends early"
+    return "not a whole file as torch.save writes it"
+
+
 def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint written by :func:`save_checkpoint`; :class:`CheckpointError` if unusable."""
+    """Load a checkpoint written by :func:`save_checkpoint`; :class:`CheckpointError` if unusable.
+
+    Never runs code from the file: a file holding arbitrary Python objects is refused.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # files pickled by other tools draw a protocol warning before they are refused
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Unsupported global" not in str(error):  # not a pickle of objects: not a torch.save file
+            raise CheckpointError(f"checkpoint {path} is corrupted or truncated ({_unreadable_reason(error)})") from None
+        raise CheckpointError(
+            f"{path} is not a pyro-vae checkpoint: it holds Python objects other than tensors, numbers and "
+            "strings, and is not opened"
+        ) from None
+    except PermissionError as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {error.strerror}") from None
     except Exception as error:  # zip, pickle and EOF errors all mean an unreadable file
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CheckpointError(f"checkpoint {path} is corrupted or truncated ({reason})") from None
+        raise CheckpointError(f"checkpoint {path} is corrupted or truncated ({_unreadable_reason(error)})") from None
     if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
         raise CheckpointError(f"{path} is not a pyro-vae checkpoint (expected keys {list(REQUIRED_KEYS)})")
     return state

@@ -8,23 +8,74 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 from . import __version__
-from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, load_run
-from .config import ConfigError, from_dict, load_config, parse_override
+from .checkpoint import (CHECKPOINT_NAME, CheckpointError, DiskFullError, RunExistsError, is_disk_full, load_checkpoint,
+                         load_run)
+from .config import MAX_SEED, ConfigError, from_dict, load_config, parse_override
 from .data import DATA_ENV, DataNotFoundError, load_splits, prepare
 from .compare import DEFAULT_ESTIMATORS
 from .distributed import (DEVICES, DistributedError, is_communication_error, launched_world_size, resolve_device, setup,
                           teardown)
 from .elbo import evaluate
-from .train import METRICS_NAME, fit
+from .train import METRICS_NAME, TrainingDiverged, fit, resumed_config
 
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
-EXIT_LOST_RANK = 3
+# Exit statuses (README, "Command line"): each says what happened without reading stderr.
+EXIT_USAGE = 2  # bad input: config, flag, data folder, checkpoint
+EXIT_LOST_RANK = 3  # a process of a torchrun group died or lost contact
+EXIT_DIVERGED = 4  # a NaN or infinite loss, gradient or parameter: the last checkpoint is kept
+EXIT_DISK_FULL = 5  # the run folder's disk is full: the last checkpoint is kept
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: the state is saved, --resume continues
+
+
+def _integer(low: int, high: int | None = None, why: str = ""):
+    """An argparse type: an integer from ``low`` to ``high``; its error names the value and the range."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected an integer") from None
+        if value < low or (high is not None and value > high):
+            allowed = f">= {low}" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {allowed}{why}")
+        return value
+
+    return parse
+
+
+_seed = _integer(0, MAX_SEED, " (seeds go to torch and NumPy)")
+
+
+def _finite_float(text: str) -> float:
+    """An argparse type: a finite number (``float()`` alone also takes nan and inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number")
+    return value
+
+
+def _output_folder(text: str) -> str:
+    """An argparse type: a folder that exists, or can be created (no file in the way)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a folder name")
+    path = Path(text)
+    if path.is_symlink() and not path.exists():
+        raise argparse.ArgumentTypeError(f"{text!r} is a symbolic link to nothing; expected a folder")
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if folder == path and not folder.is_dir():
+                raise argparse.ArgumentTypeError(f"{text!r} is a file; expected a folder (new or existing)")
+            if not folder.is_dir():
+                raise argparse.ArgumentTypeError(f"{text!r}: {str(folder)!r} is a file, so no folder can be made in it")
+            break
+    return text
 
 
 def _add_device(parser):
@@ -52,13 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", metavar="FILE", help="TOML config (default: the built-in defaults, as in configs/default.toml)")
     train.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[],
                        help="override one config key, e.g. --set model.z_dim=2 (repeatable; values are TOML literals or bare words)")
-    train.add_argument("--epochs", type=int, metavar="N", help="shorthand for --set train.epochs=N; with --resume, the total to reach")
-    train.add_argument("--seed", type=int, metavar="N", help="shorthand for --set train.seed=N")
+    train.add_argument("--epochs", type=_integer(0), metavar="N", help="shorthand for --set train.epochs=N; with --resume, the total to reach")
+    train.add_argument("--seed", type=_seed, metavar="N", help=f"shorthand for --set train.seed=N (0 to {MAX_SEED})")
     train.add_argument("--likelihood", metavar="NAME", help="shorthand for --set model.likelihood=NAME")
     train.add_argument("--prior", metavar="NAME", help="shorthand for --set model.prior=NAME")
-    train.add_argument("--beta", type=float, metavar="B", help="shorthand for --set objective.beta=B")
-    train.add_argument("--train-limit", type=int, metavar="N", help="train on the first N training images only (shorthand for --set data.train_limit=N)")
-    train.add_argument("--out", metavar="RUN_DIR", help="run folder to create (default: runs/<config name>)")
+    train.add_argument("--beta", type=_finite_float, metavar="B", help="shorthand for --set objective.beta=B")
+    train.add_argument("--train-limit", type=_integer(0), metavar="N", help="train on the first N training images only (shorthand for --set data.train_limit=N)")
+    train.add_argument("--out", type=_output_folder, metavar="RUN_DIR", help="run folder to create (default: runs/<config name>)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     _add_device(train)
@@ -67,9 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("evaluate", help="test ELBO and importance-sampled log-likelihood of a run",
                              description="Print the test ELBO and log-likelihood (nats per image) as JSON and save it in the run folder.")
     ev.add_argument("run_dir", metavar="RUN_DIR")
-    ev.add_argument("--num-samples", "-k", type=int, default=1000, metavar="K", help="importance samples per image (default 1000; papers use 5000)")
-    ev.add_argument("--limit", type=int, default=0, metavar="N", help="evaluate the first N test images only (default: all)")
-    ev.add_argument("--seed", type=int, default=0, help="seed of the importance samples (default 0)")
+    ev.add_argument("--num-samples", "-k", type=_integer(1), default=1000, metavar="K", help="importance samples per image (default 1000; papers use 5000)")
+    ev.add_argument("--limit", type=_integer(0), default=0, metavar="N", help="evaluate the first N test images only (default 0: all)")
+    ev.add_argument("--seed", type=_seed, default=0, help=f"seed of the importance samples (0 to {MAX_SEED}; default 0)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_device(ev)
     _add_data_dir(ev)
@@ -82,15 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a trained run (without --train)")
     ce.add_argument("--estimators", nargs="+", metavar="NAME[:K]", default=list(DEFAULT_ESTIMATORS),
                     help=f"estimators, with K particles for iwae (default: {' '.join(DEFAULT_ESTIMATORS)})")
-    ce.add_argument("--repeats", type=int, default=5, metavar="R", help="passes over the test images per estimator (default 5)")
-    ce.add_argument("--grad-samples", type=int, default=20, metavar="M", help="gradient draws for variance and SNR (default 20)")
-    ce.add_argument("--limit", type=int, default=0, metavar="N", help="use the first N test images only (default: all)")
+    # Flags of one mode default to None, so that one given in the other mode can be refused.
+    ce.add_argument("--repeats", type=_integer(1), metavar="R",
+                    help=f"with RUN_DIR: passes over the test images per estimator (default {_COMPARE_DEFAULTS['repeats']})")
+    ce.add_argument("--grad-samples", type=_integer(2, why=" (a variance needs two draws)"), metavar="M",
+                    help=f"with RUN_DIR: gradient draws for variance and SNR (default {_COMPARE_DEFAULTS['grad_samples']})")
+    ce.add_argument("--limit", type=_integer(0), metavar="N", help="with RUN_DIR: use the first N test images only (default 0: all)")
     ce.add_argument("--train", action="store_true", help="train --config once per estimator instead")
     ce.add_argument("--config", metavar="FILE", help="with --train: the config (default: built-in defaults)")
     ce.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[], help="with --train: config overrides")
-    ce.add_argument("--epochs", type=int, metavar="N", help="with --train: epochs of every run")
-    ce.add_argument("--out", metavar="DIR", default="runs/compare-elbo", help="with --train: folder of the runs (default runs/compare-elbo)")
-    ce.add_argument("--num-samples", "-k", type=int, default=1000, metavar="K", help="with --train: importance samples of the final evaluation")
+    ce.add_argument("--epochs", type=_integer(0), metavar="N", help="with --train: epochs of every run")
+    ce.add_argument("--out", type=_output_folder, metavar="DIR",
+                    help=f"with --train: folder of the runs (default {_COMPARE_DEFAULTS['out']})")
+    ce.add_argument("--num-samples", "-k", type=_integer(1), metavar="K",
+                    help=f"with --train: importance samples of the final evaluation (default {_COMPARE_DEFAULTS['num_samples']})")
     ce.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_data_dir(ce)
 
@@ -107,12 +163,32 @@ def _shorthands(args):
     )
 
 
-def _overrides(args) -> dict:
-    overrides = dict(parse_override(item) for item in args.set)
-    for key, value in _shorthands(args):
-        if value is not None:
-            overrides[key] = value
+_SHORTHAND_FLAGS = {"train.epochs": "--epochs", "train.seed": "--seed", "data.train_limit": "--train-limit",
+                    "model.likelihood": "--likelihood", "model.prior": "--prior", "objective.beta": "--beta"}
+
+
+def _overrides(args, shorthands=None) -> dict:
+    """``--set`` items and the shorthand flags given, as ``{"section.key": value}``.
+
+    A key given twice with different values is refused: keeping either one would drop the
+    other without a word (and without checking it).
+    """
+    overrides, given_by = {}, {}
+    items = [(*parse_override(item), f"--set {item}") for item in args.set]
+    items += [(key, value, f"{_SHORTHAND_FLAGS[key]} {value}")
+              for key, value in (_shorthands(args) if shorthands is None else shorthands) if value is not None]
+    for key, value, flag in items:
+        if key in overrides and overrides[key] != value:
+            raise ConfigError(f"{key} is given twice, by {given_by[key]} and by {flag}; give it once")
+        overrides[key], given_by[key] = value, flag
     return overrides
+
+
+def _first(images, limit: int, flag: str, dataset: str):
+    """The first ``limit`` test images (all for 0); more than there are is refused, not clipped."""
+    if limit > len(images):
+        raise ConfigError(f"{flag} {limit}: the test split of {dataset} has only {len(images)} images (0: all)")
+    return images[:limit] if limit else images
 
 
 def _train(args) -> int:
@@ -135,7 +211,10 @@ def _train_on(runtime, args) -> int:
         checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME)
         config = from_dict(checkpoint["config"])
         if args.epochs is not None:
-            config = config.replace(**{"train.epochs": args.epochs})
+            if args.epochs <= checkpoint["epoch"]:
+                raise ConfigError(f"--epochs {args.epochs}: {run_dir} has already trained {checkpoint['epoch']} epochs; "
+                                  "give a larger total")
+            config = resumed_config(config, args.epochs)
     else:
         config = load_config(args.config, _overrides(args))
         run_dir = Path(args.out) if args.out else Path("runs") / (Path(args.config).stem if args.config else "default")
@@ -175,8 +254,6 @@ def _trained_and_test(args):
 
 
 def _evaluate(args) -> int:
-    import torch
-
     if launched_world_size() > 1:
         raise ConfigError("evaluate runs in one process; start it without torchrun")
     try:
@@ -185,10 +262,9 @@ def _evaluate(args) -> int:
         raise ConfigError(str(error)) from None
     vae, config, test = _trained_and_test(args)
     vae.to(device)
-    images = test.images[: args.limit] if args.limit else test.images
-    torch.manual_seed(args.seed)
+    images = _first(test.images, args.limit, "--limit", config.data.dataset)
     started = time.perf_counter()
-    result = evaluate(vae, images, num_samples=args.num_samples, progress=not args.quiet)
+    result = evaluate(vae, images, num_samples=args.num_samples, progress=not args.quiet, seed=args.seed)
     protocol = "grey values" if config.data.binarize == "none" else f"test images binarized once with seed 0 (training: {config.data.binarize} binarization)"
     result.update({
         "dataset": config.data.dataset,
@@ -234,19 +310,42 @@ def _print_table(records: list[dict], columns: list[str]) -> None:
         print("  ".join(f"{r[c]:>22.6g}" if isinstance(r[c], float) else f"{str(r[c]):>22}" for c in columns))
 
 
+_COMPARE_DEFAULTS = {"repeats": 5, "grad_samples": 20, "limit": 0, "out": "runs/compare-elbo", "num_samples": 1000}
+# flags that only one mode of compare-elbo reads: attribute -> flag
+_RUN_DIR_ONLY = {"repeats": "--repeats", "grad_samples": "--grad-samples", "limit": "--limit"}
+_TRAIN_ONLY = {"config": "--config", "set": "--set", "epochs": "--epochs", "out": "--out", "num_samples": "--num-samples"}
+
+
+def _check_compare_elbo(args, parse_estimator) -> None:
+    """Refuse a flag the chosen mode would ignore, and repeated or unknown estimators; fill defaults."""
+    if args.train and args.run_dir:
+        raise ConfigError(f"compare-elbo takes RUN_DIR or --train, not both (got RUN_DIR {args.run_dir} and --train)")
+    ignored = _RUN_DIR_ONLY if args.train else _TRAIN_ONLY
+    for name, flag in ignored.items():
+        if getattr(args, name) not in (None, []):
+            mode = "RUN_DIR (without --train)" if args.train else "--train"
+            raise ConfigError(f"compare-elbo {flag} is only used with {mode}")
+    for name, value in _COMPARE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    seen = {}
+    for spec in args.estimators:
+        try:
+            parsed = parse_estimator(spec)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        if parsed in seen:
+            raise ConfigError(f"--estimators: {spec!r} repeats {seen[parsed]!r}; give each estimator once")
+        seen[parsed] = spec
+
+
 def _compare_elbo(args) -> int:
     from .compare import compare_estimators, parse_estimator, train_side_by_side
     from .plotting import plot_estimator_comparison, plot_learning_curves
 
-    try:
-        for spec in args.estimators:
-            parse_estimator(spec)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    _check_compare_elbo(args, parse_estimator)
     if args.train:
-        overrides = dict(parse_override(item) for item in args.set)
-        if args.epochs is not None:
-            overrides["train.epochs"] = args.epochs
+        overrides = _overrides(args, [("train.epochs", args.epochs)])
         config = load_config(args.config, overrides)
         for spec in args.estimators:  # every variant must be a valid config before any trains
             name, k = parse_estimator(spec)
@@ -263,9 +362,11 @@ def _compare_elbo(args) -> int:
     vae, config, test = _trained_and_test(args)
     estimators = list(args.estimators)
     if not vae.prior_net.has_closed_form_kl and any(parse_estimator(e)[0] == "analytic" for e in estimators):
-        print(f"note: prior {config.model.prior!r} has no closed-form KL; leaving out 'analytic'", file=sys.stderr)
         estimators = [e for e in estimators if parse_estimator(e)[0] != "analytic"]
-    images = test.images[: args.limit] if args.limit else test.images
+        if not estimators:
+            raise ConfigError(f"--estimators: nothing left to compare without 'analytic' on prior {config.model.prior!r}")
+        print(f"note: prior {config.model.prior!r} has no closed-form KL; leaving out 'analytic'", file=sys.stderr)
+    images = _first(test.images, args.limit, "--limit", config.data.dataset)
     records = compare_estimators(vae, images, estimators, repeats=args.repeats, grad_samples=args.grad_samples)
     stem = Path(args.run_dir) / "elbo_comparison"
     _write_records(records, stem)
@@ -282,9 +383,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DataNotFoundError, CheckpointError) as error:
+    except (ConfigError, DataNotFoundError, CheckpointError, RunExistsError) as error:
         print(f"pyro-vae: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except TrainingDiverged as error:
+        print(f"pyro-vae: error: {error}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except DiskFullError as error:
+        print(f"pyro-vae: error: {error.strerror}", file=sys.stderr)
+        return EXIT_DISK_FULL
+    except OSError as error:  # a full disk while writing an evaluation, a figure or a table
+        if not is_disk_full(error):
+            raise
+        where = f" writing {error.filename}" if error.filename else ""
+        print(f"pyro-vae: error: no space left on the disk{where}", file=sys.stderr)
+        return EXIT_DISK_FULL
     except DistributedError as error:
         print(f"pyro-vae: error: {error}", file=sys.stderr)
         return EXIT_LOST_RANK

@@ -15,16 +15,21 @@ import statistics
 import time
 from pathlib import Path
 
-import pyro
 import torch
 
 from .checkpoint import load_checkpoint
 from .data import prepare
 from .elbo import evaluate, make_elbo
+from .seeding import seeded
 from .train import fit
 
 #: Estimators compared by default: name, or name:particles.
 DEFAULT_ESTIMATORS = ("mc", "analytic", "iwae:5", "iwae:50")
+
+# compare_estimators' seed s draws pass r with torch seeded SEEDS_PER_CALL * s + r and gradient
+# draw g with SEEDS_PER_CALL * s + GRADIENT_SEEDS + g. Torch's CPU generator keeps only the low
+# 32 bits of a seed, so these stay below 2**32: 65,536 seeds, each with 65,536 draws of its own.
+SEEDS_PER_CALL, GRADIENT_SEEDS = 2**16, 10_000
 
 
 def parse_estimator(spec: str) -> tuple[str, int]:
@@ -55,7 +60,8 @@ def _snr(samples: torch.Tensor) -> tuple[float | None, float | None]:
 
 
 def compare_estimators(vae, images: torch.Tensor, estimators=DEFAULT_ESTIMATORS, repeats: int = 5,
-                       grad_samples: int = 20, grad_batch: int = 256, batch_size: int = 500) -> list[dict]:
+                       grad_samples: int = 20, grad_batch: int = 256, batch_size: int = 500,
+                       seed: int = 0) -> list[dict]:
     """Score each estimator on ``images`` as they are (already binarized if the model is).
 
     For each: the estimate in nats per image (mean over ``repeats`` passes over all images with
@@ -63,7 +69,20 @@ def compare_estimators(vae, images: torch.Tensor, estimators=DEFAULT_ESTIMATORS,
     gradient of the per-image loss on a fixed batch of ``grad_batch`` images, drawn
     ``grad_samples`` times: its variance and signal-to-noise ratio for the encoder and the
     decoder parameters; and the seconds per gradient step (forward and backward).
+
+    Pass ``r`` draws with torch seeded with ``65536 * seed + r``, gradient draw ``g`` with
+    ``65536 * seed + 10_000 + g`` (inside :func:`~pyro_vae.seeding.seeded`, on the images'
+    device, so the caller's random state is left as it was). Every estimator gets the same
+    seeds, so their differences are not blurred by different draws; ``seed = 0`` gives the
+    numbers of earlier versions, and distinct seeds share no draw.
+
+    :param seed: ``0 <= seed < 65536``; ``repeats <= 10_000`` and ``grad_samples <= 55_536``.
     """
+    if not 0 <= seed < SEEDS_PER_CALL:
+        raise ValueError(f"seed = {seed}: must be in [0, {SEEDS_PER_CALL})")
+    if repeats > GRADIENT_SEEDS or grad_samples > SEEDS_PER_CALL - GRADIENT_SEEDS:
+        raise ValueError(f"repeats = {repeats}, grad_samples = {grad_samples}: at most "
+                         f"{GRADIENT_SEEDS} and {SEEDS_PER_CALL - GRADIENT_SEEDS}")
     records = []
     encoder = [p for p in vae.encoder.parameters() if p.requires_grad]
     decoder = [p for p in [*vae.decoder.parameters(), *vae.likelihood.parameters()] if p.requires_grad]
@@ -73,18 +92,17 @@ def compare_estimators(vae, images: torch.Tensor, estimators=DEFAULT_ESTIMATORS,
         estimator = make_elbo(name, k)
         estimates = []
         for repeat in range(repeats):
-            pyro.set_rng_seed(repeat)
-            with torch.no_grad():
+            with seeded(SEEDS_PER_CALL * seed + repeat, images.device), torch.no_grad():
                 total = sum(estimator.loss(vae.model_body, vae.guide_body, images[i : i + batch_size])
                             for i in range(0, len(images), batch_size))
             estimates.append(-total / len(images))
         grads_encoder, grads_decoder, seconds = [], [], []
         for sample in range(grad_samples):
-            pyro.set_rng_seed(10_000 + sample)
-            started = time.perf_counter()
-            loss = estimator.differentiable_loss(vae.model_body, vae.guide_body, batch) / len(batch)
-            grads = _flat_grads(loss, encoder + decoder) if encoder + decoder else torch.zeros(0)
-            seconds.append(time.perf_counter() - started)
+            with seeded(SEEDS_PER_CALL * seed + GRADIENT_SEEDS + sample, images.device):
+                started = time.perf_counter()
+                loss = estimator.differentiable_loss(vae.model_body, vae.guide_body, batch) / len(batch)
+                grads = _flat_grads(loss, encoder + decoder) if encoder + decoder else torch.zeros(0)
+                seconds.append(time.perf_counter() - started)
             n_encoder = sum(p.numel() for p in encoder)
             grads_encoder.append(grads[:n_encoder])
             grads_decoder.append(grads[n_encoder:])
@@ -107,11 +125,13 @@ def compare_estimators(vae, images: torch.Tensor, estimators=DEFAULT_ESTIMATORS,
 
 
 def train_side_by_side(config, splits, out_dir, estimators=DEFAULT_ESTIMATORS, num_samples: int = 1000,
-                       progress: bool = False) -> tuple[list[dict], dict]:
+                       progress: bool = False, seed: int = 0) -> tuple[list[dict], dict]:
     """Train ``config`` once per estimator (same epochs and seed), then evaluate each.
 
     Returns one record per estimator (final test log-likelihood and ELBO) and the training
     histories by estimator. Runs go to ``out_dir/<estimator>``; a finished one is reused.
+    Training draws with ``config.train.seed``, evaluation (:func:`~pyro_vae.elbo.evaluate`)
+    with ``seed``; the caller's random state (torch, Python's and NumPy's) is left as it was.
     """
     test = prepare(splits.test, config.data.binarize).images
     records, histories = [], {}
@@ -121,8 +141,7 @@ def train_side_by_side(config, splits, out_dir, estimators=DEFAULT_ESTIMATORS, n
         run_dir = Path(out_dir) / spec.replace(":", "_k")
         checkpoint = load_checkpoint(run_dir) if (run_dir / "checkpoint.pt").exists() else None
         result = fit(variant, splits, run_dir=run_dir, checkpoint=checkpoint, progress=progress)
-        torch.manual_seed(0)
-        scores = evaluate(result.vae, test, num_samples=num_samples)
+        scores = evaluate(result.vae, test, num_samples=num_samples, seed=seed)
         histories[spec] = result.history
         records.append({
             "estimator": spec,

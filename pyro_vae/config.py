@@ -9,6 +9,7 @@ and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -78,6 +79,9 @@ class TrainConfig:
     #: "constant", or "cosine": decay from ``lr`` to ``lr * lr_final_ratio`` over the run.
     lr_schedule: str = "constant"
     lr_final_ratio: float = 0.1
+    #: Epochs the schedule spans (0: ``epochs``); later epochs keep the final rate. Resuming
+    #: with another ``epochs`` sets it to the run's original length, so no epoch's rate moves.
+    lr_schedule_epochs: int = 0
     seed: int = 0
 
 
@@ -126,6 +130,9 @@ def _choices() -> dict[str, list[str]]:
     }
 
 
+#: Seeds go to ``pyro.set_rng_seed``, which also seeds NumPy: 0 <= seed < 2**32.
+MAX_SEED = 2**32 - 1
+
 # (lower bound, whether the bound itself is allowed)
 _BOUNDS = {
     "data.train_limit": (0, True),
@@ -142,6 +149,14 @@ _BOUNDS = {
     "train.batch_size": (1, True),
     "train.lr": (0.0, False),
     "train.lr_final_ratio": (0.0, True),
+    "train.lr_schedule_epochs": (0, True),
+    "train.seed": (0, True),
+}
+# (upper bound, whether the bound itself is allowed)
+_UPPER_BOUNDS = {
+    "objective.beta_ramp": (1.0, True),  # a fraction of each cycle
+    "train.lr_final_ratio": (1.0, True),  # the cosine schedule decays
+    "train.seed": (MAX_SEED, True),
 }
 
 
@@ -157,7 +172,13 @@ def _check_type(key: str, value, expected):
     if expected is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} = {value!r}: expected a number")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # a TOML integer beyond a float's range
+            number = math.inf
+        if not math.isfinite(number):  # TOML reads nan and inf as floats; they would train NaNs
+            raise ConfigError(f"{key} = {value!r}: expected a finite number")
+        return number
     if expected is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key} = {value!r}: expected a string")
@@ -174,6 +195,10 @@ def _check_value(key: str, value, choices: dict[str, list[str]]):
         raise ConfigError(f"{key} = {value!r}: choose one of {choices[key]}")
     if key in _BOUNDS:
         _check_bound(key, value, *_BOUNDS[key])
+    if key in _UPPER_BOUNDS:
+        high, inclusive = _UPPER_BOUNDS[key]
+        if value > high or (value == high and not inclusive):
+            raise ConfigError(f"{key} = {value!r}: must be {'<=' if inclusive else '<'} {high}")
 
 
 def _check_bound(key: str, value, low, inclusive: bool) -> None:
@@ -221,10 +246,16 @@ def validate(config: Config) -> None:
     for section, values in config.to_dict().items():
         for key, value in values.items():
             _check_value(f"{section}.{key}", value, choices)
+    from .data import NUM_TRAIN_IMAGES, check_split_sizes
     from .likelihoods import LIKELIHOODS
     from .priors import PRIORS
 
+    data = config.data
+    check_split_sizes(data.dataset, NUM_TRAIN_IMAGES[data.dataset], data.val_size, data.train_limit)
     model = config.model
+    if model.arch != "mlp" and model.num_layers != 1:  # the conv networks have a fixed depth
+        raise ConfigError(f"model.num_layers = {model.num_layers}: only model.arch = 'mlp' has a choice of depth; "
+                          f"with model.arch = {model.arch!r} leave it at 1")
     likelihood, prior = LIKELIHOODS[model.likelihood], PRIORS[model.prior]
     _check_options("model.likelihood_options", f"likelihood {model.likelihood!r}", likelihood, model.likelihood_options)
     _check_options("model.prior_options", f"prior {model.prior!r}", prior, model.prior_options)
@@ -271,9 +302,12 @@ def parse_override(text: str) -> tuple[str, object]:
     if not sep or key.count(".") not in (1, 2):
         raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. model.z_dim=2")
     try:
-        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+        document = tomllib.loads(f"v = {value.strip()}")
     except tomllib.TOMLDecodeError:
-        parsed = value.strip()  # a bare word such as conv or static
+        document = {}
+    # a bare word such as conv or static; also a value with a line break that TOML reads as
+    # more than one key, which must not be cut down to its first line
+    parsed = document["v"] if list(document) == ["v"] else value.strip()
     return key, parsed
 
 
@@ -290,17 +324,30 @@ def apply_overrides(config: Config, overrides: dict[str, object]) -> Config:
 
 def load_config(path: str | Path | None = None, overrides: dict[str, object] | None = None) -> Config:
     """Read a TOML config (defaults if ``path`` is None) and apply ``overrides``."""
-    raw = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
+    raw = {} if path is None else _read_toml(Path(path))
     config = from_dict(raw)
     return apply_overrides(config, overrides or {})
+
+
+def _read_toml(path: Path) -> dict:
+    """The table in the TOML file ``path``; :class:`ConfigError` if it cannot be read as one."""
+    if not path.exists():  # also a symbolic link to nowhere
+        raise ConfigError(f"config file {path} does not exist")
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give a TOML file such as configs/default.toml")
+    if not path.is_file():  # a FIFO or a device: reading could block, or never end
+        raise ConfigError(f"config file {path} is not a regular file")
+    try:
+        text = path.read_bytes().decode("utf-8")  # TOML files are UTF-8, whatever the locale
+    except OSError as error:
+        raise ConfigError(f"config file {path} cannot be read ({error.strerror or error})") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {error.object[error.start]:#04x} "
+                          f"at offset {error.start}); TOML files are UTF-8") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
 
 
 def save_config(config: Config, path: str | Path) -> None:

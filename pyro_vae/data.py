@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .config import ConfigError
+
 #: Environment variable naming the folder that holds ``MNIST/raw/...`` and friends.
 DATA_ENV = "PYRO_VAE_DATA"
 DEFAULT_DATA_DIR = Path("data")
@@ -32,6 +34,9 @@ DATASETS = {
     "mnist": ("MNIST", "MNIST"),
     "fashion_mnist": ("FashionMNIST", "FashionMNIST"),
 }
+#: Images in each dataset's official training set (train + validation), known before loading,
+#: so that a config asking for more is refused before anything is read.
+NUM_TRAIN_IMAGES = {"mnist": 60_000, "fashion_mnist": 60_000}
 _RAW_FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
@@ -107,6 +112,25 @@ def _missing(root: Path, folder: str, tried_download: bool = False) -> DataNotFo
     )
 
 
+def check_split_sizes(name: str, num_images: int, val_size: int, train_limit: int) -> None:
+    """Refuse (:class:`~pyro_vae.config.ConfigError`) splits that ``num_images`` cannot give.
+
+    ``val_size`` must leave at least one training image; ``train_limit`` may not ask for more
+    training images than remain (a larger limit is refused, not clipped: the config saved
+    with the run must say what it trained on).
+    """
+    if not 1 <= val_size < num_images:
+        raise ConfigError(
+            f"data.val_size = {val_size}: must be between 1 and {num_images - 1} "
+            f"({name} has {num_images} training images, and at least one must remain for training)"
+        )
+    if not 0 <= train_limit <= num_images - val_size:
+        raise ConfigError(
+            f"data.train_limit = {train_limit}: must be between 0 (all) and {num_images - val_size}, "
+            f"the training images of {name} left after data.val_size = {val_size}"
+        )
+
+
 def load_splits(
     name: str = "mnist",
     data_dir: str | Path | None = None,
@@ -118,14 +142,16 @@ def load_splits(
     The validation split is the last ``val_size`` images of the official training set
     (the 50,000 / 10,000 split of Burda et al. 2015 for MNIST); ``train_limit > 0`` keeps only
     the first ``train_limit`` training images. Test images are only for evaluation.
+    Sizes that the dataset cannot give raise :class:`~pyro_vae.config.ConfigError` (a
+    ``ValueError``), before anything is read where the dataset's size is known.
     """
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+        raise ConfigError(f"data.dataset = {name!r}: choose one of {sorted(DATASETS)}")
+    check_split_sizes(name, NUM_TRAIN_IMAGES[name], val_size, train_limit)
     root, download = resolve_data_dir(data_dir)
     full_train = _read(name, root, train=True, download=download)
     test = _read(name, root, train=False, download=download)
-    if not 0 < val_size < len(full_train):
-        raise ValueError(f"val_size = {val_size} must be between 1 and {len(full_train) - 1}")
+    check_split_sizes(name, len(full_train), val_size, train_limit)  # the files agree with the table
     n_train = len(full_train) - val_size
     train = ImageData(full_train.images[:n_train], full_train.labels[:n_train])
     val = ImageData(full_train.images[n_train:], full_train.labels[n_train:])

@@ -20,6 +20,8 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
+from .seeding import seeded
+
 
 class IWAE_ELBO:
     """The importance-weighted bound of Burda et al. (2015), per datapoint, with K particles.
@@ -190,11 +192,15 @@ def kl_per_dimension(q, prior) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def evaluate(vae, images: torch.Tensor, num_samples: int = 1000, batch_size: int = 100, progress: bool = False) -> dict:
+def evaluate(vae, images: torch.Tensor, num_samples: int = 1000, batch_size: int = 100, progress: bool = False,
+             seed: int = 0) -> dict:
     """Test log-likelihood and ELBO (with its reconstruction and KL terms), in nats per image.
 
     All come from the same ``num_samples`` importance samples per image; the ELBO is the
-    unweighted one (beta = 1), whatever beta trained the model.
+    unweighted one (beta = 1), whatever beta trained the model. The samples are drawn from
+    torch's generators seeded with ``seed`` (on ``vae``'s device) inside
+    :func:`~pyro_vae.seeding.seeded`: the same seed gives the same numbers (those of
+    ``torch.manual_seed(seed)`` before the call), and the caller's random state is left as it was.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples = {num_samples}: must be >= 1")
@@ -202,13 +208,14 @@ def evaluate(vae, images: torch.Tensor, num_samples: int = 1000, batch_size: int
     prior = vae.prior()
     bar = tqdm(total=len(images), desc=f"evaluate K={num_samples}", unit="img", disable=not progress)
     device = _device_of(vae)
-    for start in range(0, len(images), batch_size):
-        x = images[start : start + batch_size].to(device)
-        parts.append(importance_sampled(vae, x, num_samples))
-        q = vae.encode(x)
-        z_locs.append(q.mean)
-        kls.append(kl_per_dimension(q, prior))
-        bar.update(len(x))
+    with seeded(seed, device):
+        for start in range(0, len(images), batch_size):
+            x = images[start : start + batch_size].to(device)
+            parts.append(importance_sampled(vae, x, num_samples))
+            q = vae.encode(x)
+            z_locs.append(q.mean)
+            kls.append(kl_per_dimension(q, prior))
+            bar.update(len(x))
     bar.close()
     mean = {field: torch.cat([getattr(p, field) for p in parts]).mean().item() for field in Estimates._fields[:4]}
     bounds = {str(k): torch.cat([p.bounds[k] for p in parts]).mean().item() for k in parts[0].bounds}

@@ -11,6 +11,8 @@ import math
 import torch
 from matplotlib.figure import Figure
 
+from .seeding import seeded
+
 #: Digit classes get distinct, ordered colours.
 _CMAP = "tab10"
 
@@ -104,12 +106,18 @@ def principal_components(z: torch.Tensor, k: int = 2) -> tuple[torch.Tensor, tor
 @torch.no_grad()
 def make_figures(vae, images: torch.Tensor, labels: torch.Tensor, history: list[dict], seed: int = 0) -> dict[str, Figure]:
     """All figures of a run, by file stem: reconstructions, samples, latent space, manifold
-    (when z is 2-D) and training curves. ``images`` are held-out images as the model sees them.
+    (when z is 2-D) and training curves. ``images`` are held-out images as the model sees them,
+    on ``vae``'s device.
+
+    The samples are drawn from torch's generators seeded with ``seed`` inside
+    :func:`~pyro_vae.seeding.seeded`: the same seed draws the same samples, and the caller's
+    random state is left as it was.
     """
-    torch.manual_seed(seed)
+    with seeded(seed, images.device):
+        samples = vae.sample_images(64)
     figures = {
         "reconstructions": plot_reconstructions(images[:12], vae.reconstruct(images[:12])),
-        "samples": plot_image_grid(vae.sample_images(64), "samples: mean of p(x|z), z ~ p(z)"),
+        "samples": plot_image_grid(samples, "samples: mean of p(x|z), z ~ p(z)"),
     }
     z_loc = torch.cat([vae.encode(images[i : i + 1000]).mean for i in range(0, min(len(images), 5000), 1000)])
     shown = labels[: len(z_loc)]

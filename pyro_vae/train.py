@@ -26,27 +26,52 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import CHECKPOINT_NAME, save_checkpoint
+from .checkpoint import (CHECKPOINT_NAME, DiskFullError, RunExistsError, is_disk_full, remove_stale_temporaries,
+                         save_checkpoint)
 from .config import Config, from_dict, save_config
 from .data import Splits, binarize_once, iterate_batches, prepare
 from .distributed import (ELBOLoss, Runtime, SharedNoise, all_reduce_sum, current_runtime, data_parallel, local_part,
                           shard_bounds)
 from .elbo import make_elbo, mean_elbo
 from .model import LATENT, VAE, build_vae
+from .seeding import preserved
 
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.toml"
 
 
+class TrainingDiverged(FloatingPointError):
+    """The loss or the gradient became NaN or infinite; nothing of the step was saved."""
+
+
 def learning_rate(config, epoch: int) -> float:
-    """The learning rate of ``epoch`` (0-based) under ``config.train``'s schedule."""
+    """The learning rate of ``epoch`` (0-based) under ``config.train``'s schedule.
+
+    The schedule spans ``train.lr_schedule_epochs`` epochs (``train.epochs`` when 0); epochs
+    after it keep the final rate.
+    """
     train = config.train
-    if train.lr_schedule == "constant" or train.epochs <= 1:
+    span = train.lr_schedule_epochs or train.epochs
+    if train.lr_schedule == "constant" or span <= 1:
         return train.lr
-    # cosine: lr at epoch 0, lr * lr_final_ratio at the last epoch
-    progress = epoch / (train.epochs - 1)
+    # cosine: lr at epoch 0, lr * lr_final_ratio at the schedule's last epoch
+    progress = epoch / (span - 1)
     final = train.lr * train.lr_final_ratio
     return final + 0.5 * (train.lr - final) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def resumed_config(saved: Config, epochs: int) -> Config:
+    """The config that continues a run saved with ``saved`` up to ``epochs`` epochs in all.
+
+    Only the length changes. A learning-rate schedule keeps the span it was planned over
+    (``train.lr_schedule_epochs`` is pinned to the run's original ``train.epochs``): resuming
+    never changes the rate of an epoch, and epochs added beyond the plan keep its final rate.
+    """
+    overrides = {"train.epochs": epochs}
+    train = saved.train
+    if epochs != train.epochs and train.lr_schedule != "constant" and train.lr_schedule_epochs == 0:
+        overrides["train.lr_schedule_epochs"] = train.epochs
+    return saved.replace(**overrides)
 
 
 def beta_at(objective, epoch: int) -> float:
@@ -91,9 +116,10 @@ class FitResult:
 
 
 def _training_images(config: Config, splits: Splits) -> torch.Tensor:
+    train = splits.train.head(config.data.train_limit) if config.data.train_limit else splits.train
     if config.data.binarize == "static":
-        return binarize_once(splits.train, seed=config.train.seed).images
-    return splits.train.images
+        return binarize_once(train, seed=config.train.seed).images
+    return train.images
 
 
 def fit(
@@ -109,12 +135,16 @@ def fit(
 
     :param config: a validated :class:`~pyro_vae.config.Config`.
     :param splits: the data, images ``(N, C, H, W)`` in [0, 1]; the test split is not used.
-        They stay where they are (CPU); each batch is moved to ``device``.
+        They stay where they are (CPU); each batch is moved to ``device``. With
+        ``config.data.train_limit = n > 0`` only the first ``n`` training images are used.
     :param run_dir: if given, each epoch appends to ``metrics.jsonl`` and rewrites
-        ``checkpoint.pt`` there; ``config.toml`` holds the resolved config.
+        ``checkpoint.pt`` there; ``config.toml`` holds the resolved config. A folder that
+        already holds a checkpoint is refused (:class:`~pyro_vae.checkpoint.RunExistsError`)
+        unless ``checkpoint`` continues it.
     :param checkpoint: a state from :func:`~pyro_vae.checkpoint.load_checkpoint` to continue
-        from (same config, except possibly ``train.epochs``). The result equals that of an
-        uninterrupted run with the same seed, whatever the number of processes of either.
+        from (same config, except possibly ``train.epochs``: see :func:`resumed_config`, which
+        gives the config actually used). The result equals that of an uninterrupted run with
+        the same seed, whatever the number of processes of either.
     :param progress: show a progress bar.
     :param callback: called with each epoch's metrics record (the dict appended to
         ``history``) after it is saved, e.g. to redraw a live loss plot in a notebook.
@@ -127,7 +157,30 @@ def fit(
     Ctrl-C (or SIGTERM) stops after the current step, saves the state (mid-epoch, so nothing
     is lost) and returns with ``completed=False``; in a process group, all ranks stop after
     the same step.
+
+    :raises TrainingDiverged: a step's loss or gradient is NaN or infinite. The step is not
+        taken and nothing is saved, so the last checkpoint (of a finished epoch) stays intact.
+    :raises DiskFullError: a file of ``run_dir`` could not be written for lack of space; the
+        checkpoint of the last epoch saved before stays intact and resumable.
+
+    Training draws from torch's global generator (Pyro takes no generator argument), seeded
+    with ``config.train.seed``; the caller's random state (torch, ``random``, NumPy) is
+    restored when ``fit`` returns, as if it had drawn nothing.
     """
+    with preserved():
+        return _fit(config, splits, run_dir, checkpoint, progress, callback, device)
+
+
+def _fit(config, splits, run_dir, checkpoint, progress, callback, device) -> FitResult:
+    if checkpoint is not None:
+        saved = from_dict(checkpoint["config"])
+        continued = resumed_config(saved, config.train.epochs)
+        given = config
+        if given.train.lr_schedule_epochs == 0:  # unset by the caller: the run's own span
+            given = given.replace(**{"train.lr_schedule_epochs": continued.train.lr_schedule_epochs})
+        if given != continued:
+            raise ValueError("the checkpoint was written with another config; only train.epochs may change on resume")
+        config = continued
     runtime = current_runtime(device)
     device = runtime.device
     pyro.set_rng_seed(config.train.seed)
@@ -146,9 +199,6 @@ def fit(
     history: list[dict] = []
     epoch, step, order, partial = 0, 0, None, {"loss": 0.0, "images": 0, "seconds": 0.0}
     if checkpoint is not None:
-        saved = from_dict(checkpoint["config"]).replace(**{"train.epochs": config.train.epochs})
-        if saved != config:
-            raise ValueError("the checkpoint was written with another config; only train.epochs may change on resume")
         vae.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         _set_rng_state(checkpoint["rng"], generator, device)
@@ -156,12 +206,18 @@ def fit(
         order = checkpoint.get("order")
         partial = dict(checkpoint.get("partial") or partial)
 
+    # where the checkpoint on disk stands, for the messages of a failed run
+    saved_at = _position(checkpoint["epoch"], checkpoint["step"]) if checkpoint is not None else None
     if writes:
         run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / CONFIG_NAME)
-        # Rewritten from the checkpoint's history, so metrics never run ahead of the state.
-        (run_dir / METRICS_NAME).write_text("".join(json.dumps(r) + "\n" for r in history))
+        if checkpoint is None and (run_dir / CHECKPOINT_NAME).exists():
+            raise RunExistsError(f"{run_dir} already holds a run; continue it from its checkpoint or choose another folder")
+        with _disk_space_guard(run_dir, saved_at):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(run_dir)
+            save_config(config, run_dir / CONFIG_NAME)
+            # Rewritten from the checkpoint's history, so metrics never run ahead of the state.
+            (run_dir / METRICS_NAME).write_text("".join(json.dumps(r) + "\n" for r in history))
 
     def state(order_now=None, partial_now=None):
         return {
@@ -176,6 +232,9 @@ def fit(
             "partial": partial_now,
             "history": history,
         }
+
+    def diverged(problem: str, index: int) -> TrainingDiverged:
+        return _diverged(problem, epoch, index, config, run_dir if writes else None, saved_at)
 
     num_steps = math.ceil(len(images) / config.train.batch_size)
     vae.train()
@@ -192,19 +251,34 @@ def fit(
             started = time.perf_counter()
             stopping = False
             for index, batch in iterate_batches(images, config.train.batch_size, generator, dynamic, order, step):
-                if runtime.distributed:
-                    begin, end, weight = local_part(len(batch), runtime)
-                    with SharedNoise(LATENT, begin, end, len(batch)):
-                        loss = objective(batch[begin:end].to(device, non_blocking=True), beta=beta,
-                                         reconstruction_weight=recon_weight) * weight
-                else:
-                    loss = objective(batch.to(device, non_blocking=True), beta=beta, reconstruction_weight=recon_weight)
+                try:
+                    if runtime.distributed:
+                        begin, end, weight = local_part(len(batch), runtime)
+                        with SharedNoise(LATENT, begin, end, len(batch)):
+                            loss = objective(batch[begin:end].to(device, non_blocking=True), beta=beta,
+                                             reconstruction_weight=recon_weight) * weight
+                    else:
+                        loss = objective(batch.to(device, non_blocking=True), beta=beta,
+                                         reconstruction_weight=recon_weight)
+                except ValueError as error:
+                    # Pyro validates each distribution's parameters: NaN or infinite ones mean
+                    # the weights or activations have blown up, not a bug in the model
+                    if "found invalid values" not in str(error):
+                        raise
+                    raise diverged("a parameter of q(z|x) or p(x|z) is NaN or infinite", index) from None
+                # one reduction a step: the batch's loss for the logs and the divergence
+                # check, and whether any rank was asked to stop, so that all ranks stop
+                # after the same step
+                batch_loss, stops = all_reduce_sum([loss.item() / runtime.world_size, float(stop.requested)], runtime)
+                if not math.isfinite(batch_loss):
+                    raise diverged(f"the loss is {batch_loss}", index)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                # DDP has averaged the gradients, so every rank sees the same norm and decides alike
+                grad_norm = _gradient_norm(vae)
+                if not math.isfinite(grad_norm):
+                    raise diverged(f"the gradient norm is {grad_norm}", index)
                 optimizer.step()
-                # one reduction a step: the batch's loss for the logs, and whether any rank
-                # was asked to stop, so that all ranks stop after the same step
-                batch_loss, stops = all_reduce_sum([loss.item() / runtime.world_size, float(stop.requested)], runtime)
                 partial["loss"] += batch_loss
                 partial["images"] += len(batch)
                 step = index + 1  # steps completed in this epoch
@@ -216,9 +290,13 @@ def fit(
                     break
             bar.close()
             partial["seconds"] += time.perf_counter() - started
+            # the last step's update is the one no loss has checked yet: never save it if it broke
+            if not _parameters_finite(vae):
+                raise diverged("a weight of the VAE is NaN or infinite", step - 1)
             if step < num_steps:  # stopped mid-epoch: keep the epoch's order and sums
                 if writes:
-                    save_checkpoint(state(order, partial), run_dir / CHECKPOINT_NAME)
+                    with _disk_space_guard(run_dir, saved_at):
+                        save_checkpoint(state(order, partial), run_dir / CHECKPOINT_NAME)
                 return FitResult(vae.eval(), config, history, run_dir, completed=False)
             vae.eval()
             record = {
@@ -235,9 +313,11 @@ def fit(
             history.append(record)
             epoch, step, order, partial = epoch + 1, 0, None, {"loss": 0.0, "images": 0, "seconds": 0.0}
             if writes:
-                save_checkpoint(state(), run_dir / CHECKPOINT_NAME)
-                with open(run_dir / METRICS_NAME, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                with _disk_space_guard(run_dir, saved_at):
+                    save_checkpoint(state(), run_dir / CHECKPOINT_NAME)
+                    saved_at = _position(epoch, 0)
+                    with open(run_dir / METRICS_NAME, "a") as f:
+                        f.write(json.dumps(record) + "\n")
             if callback is not None and runtime.is_main:
                 callback(record)
             if show:
@@ -249,6 +329,52 @@ def fit(
             if stopping:
                 return FitResult(vae.eval(), config, history, run_dir, completed=epoch >= config.train.epochs)
     return FitResult(vae.eval(), config, history, run_dir, completed=True)
+
+
+def _position(epoch: int, step: int) -> str:
+    """Where a saved state stands, in words: after a whole epoch, or inside one."""
+    return f"epoch {epoch}" if step == 0 else f"step {step} of epoch {epoch + 1}"
+
+
+def _gradient_norm(vae: VAE) -> float:
+    """The Euclidean norm of all gradients: one number whose finiteness is that of every entry."""
+    norms = [p.grad.detach().norm() for p in vae.parameters() if p.grad is not None]
+    return torch.stack(norms).norm().item() if norms else 0.0
+
+
+@torch.no_grad()
+def _parameters_finite(vae: VAE) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in vae.parameters())
+
+
+def _diverged(problem: str, epoch: int, index: int, config: Config, run_dir: Path | None,
+              saved_at: str | None) -> TrainingDiverged:
+    """The one-line explanation of a non-finite step, with what was kept and what to change."""
+    if run_dir is None:
+        kept = "nothing was saved"
+    elif saved_at is None:
+        kept = f"no checkpoint had been written to {run_dir} yet"
+    else:
+        kept = f"the checkpoint of {saved_at} in {run_dir} is intact"
+    return TrainingDiverged(
+        f"training diverged at epoch {epoch + 1}, step {index + 1}: {problem}; {kept}. "
+        f"Lower train.lr (now {config.train.lr:g}, e.g. --set train.lr={config.train.lr / 3:.2g}) and train again"
+    )
+
+
+@contextlib.contextmanager
+def _disk_space_guard(run_dir: Path, saved_at: str | None):
+    """Turn "no space left" while writing the run into one :class:`DiskFullError` that says
+    which checkpoint survived (the atomic save leaves the previous one whole)."""
+    try:
+        yield
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        kept = ("no checkpoint had been written yet" if saved_at is None
+                else f"the checkpoint of {saved_at} is intact: free some space, then continue with "
+                     f"--resume {run_dir}")
+        raise DiskFullError(error.errno, f"the disk holding {run_dir} is full; {kept}") from None
 
 
 def _may_mask(objective) -> bool:

@@ -1,4 +1,12 @@
-"""Shared fixtures: tiny synthetic image data, a small config, and the MNIST folder."""
+"""Shared fixtures: tiny synthetic image data, a small config, the MNIST folder, and the seed
+of the statistical tests.
+
+A test whose outcome depends on random draws is marked ``statistical``, takes its draws from
+the ``seed`` fixture, and states its false-failure rate per run: the probability, over seeds,
+that it fails although the code is right. ``pytest --seed 7`` (or ``PYRO_VAE_TEST_SEED=7``)
+runs them at another seed; ``--seed 1-20`` (or ``1,5,9``) runs each once per seed, with the
+seed in the test id (``make test-seeds``).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +20,58 @@ from pyro_vae.config import load_config
 from pyro_vae.data import ImageData, Splits
 
 IMAGE_SHAPE = (1, 8, 8)
+
+#: The statistical tests' seed when neither --seed nor PYRO_VAE_TEST_SEED is given.
+DEFAULT_SEED = 0
+
+
+def _parse_seeds(text: str) -> list[int]:
+    """``"7"`` -> ``[7]``; ``"1-20"`` -> ``[1, ..., 20]``; ``"1,5,9"`` -> ``[1, 5, 9]``."""
+    seeds = []
+    try:
+        for part in text.split(","):
+            first, dash, last = part.strip().partition("-")
+            seeds += range(int(first), int(last) + 1) if dash else [int(first)]
+    except ValueError:
+        raise pytest.UsageError(f"seeds {text!r}: expected N, A-B or N,M,... (non-negative integers)") from None
+    if not seeds:
+        raise pytest.UsageError(f"seeds {text!r}: an empty range")
+    return seeds
+
+
+def _seeds(config) -> list[int]:
+    return _parse_seeds(config.getoption("--seed") or os.environ.get("PYRO_VAE_TEST_SEED") or str(DEFAULT_SEED))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--seed", metavar="SEEDS", default=None,
+                     help="seed(s) of the statistical tests: N, A-B or N,M,...; several run each of them once "
+                          f"per seed (default: $PYRO_VAE_TEST_SEED, else {DEFAULT_SEED})")
+
+
+def pytest_report_header(config):
+    seeds = _seeds(config)
+    shown = f"{seeds[0]}..{seeds[-1]} ({len(seeds)} seeds)" if len(seeds) > 3 else ", ".join(map(str, seeds))
+    return f"seed of the statistical tests: {shown}"
+
+
+def pytest_generate_tests(metafunc):
+    seeds = _seeds(metafunc.config)
+    if "seed" in metafunc.fixturenames and len(seeds) > 1:  # overrides the fixture below
+        metafunc.parametrize("seed", seeds, ids=[f"seed={s}" for s in seeds])
+
+
+def pytest_collection_modifyitems(config, items):
+    # a statistical test that ignored the seed would pass every seed of the sweep trivially
+    for item in items:
+        if item.get_closest_marker("statistical") and "seed" not in getattr(item, "fixturenames", ()):
+            raise pytest.UsageError(f"{item.nodeid} is marked statistical but does not take the seed fixture")
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """The seed of a statistical test's random draws: --seed, else $PYRO_VAE_TEST_SEED, else 0."""
+    return _seeds(request.config)[0]
 
 
 def _images(n: int, seed: int) -> ImageData:

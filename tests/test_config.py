@@ -130,3 +130,80 @@ def test_invalid_swaps(overrides, words):
 def test_grey_data_likelihoods_accept_binarize_none():
     for name in ("continuous_bernoulli", "gaussian", "gaussian_learned", "laplace"):
         load_config(None, {"model.likelihood": name, "data.binarize": "none"})
+
+
+def _float_keys() -> list[str]:
+    """Every float config key, and every float option of a registered likelihood or prior."""
+    import dataclasses
+    import inspect
+    import typing
+
+    from pyro_vae.likelihoods import LIKELIHOODS
+    from pyro_vae.priors import PRIORS
+
+    keys = [f"{section.name}.{name}" for section in dataclasses.fields(Config)
+            for name, hint in typing.get_type_hints(type(getattr(Config(), section.name))).items() if hint is float]
+    for kind, registry in (("likelihood", LIKELIHOODS), ("prior", PRIORS)):
+        for name, cls in registry.items():
+            for option, parameter in inspect.signature(cls.__init__).parameters.items():
+                if isinstance(parameter.default, float):
+                    keys.append(f"model.{kind}={name} model.{kind}_options.{option}")
+    return keys
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("key", _float_keys())
+def test_non_finite_numbers_are_refused(key, value):
+    *owner, key = key.split(" ")
+    overrides = {key: value, "data.binarize": "none", "model.likelihood": "continuous_bernoulli"}
+    for item in owner:  # a likelihood or prior whose option this is
+        overrides.update([item.split("=")])
+    with pytest.raises(ConfigError) as error:
+        load_config(None, overrides)
+    assert f"{key} = {value!r}: expected a finite number" == str(error.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"data.val_size": 60_000}, ["data.val_size", "60000", "59999", "mnist"]),
+        ({"data.train_limit": 50_001}, ["data.train_limit", "50001", "50000"]),
+        ({"data.val_size": 59_000, "data.train_limit": 1_001}, ["data.train_limit", "1000"]),
+        ({"train.seed": -1}, ["train.seed", ">= 0"]),
+        ({"train.seed": 2**32}, ["train.seed", "<= 4294967295"]),
+        ({"train.lr_final_ratio": 1.5}, ["train.lr_final_ratio", "<= 1.0"]),
+        ({"objective.beta_ramp": 1.5}, ["objective.beta_ramp", "<= 1.0"]),
+        ({"train.lr": 10**400}, ["train.lr", "finite"]),
+        ({"model.arch": "conv", "model.num_layers": 2}, ["model.num_layers", "conv", "mlp"]),
+    ],
+)
+def test_ranges_that_depend_on_the_data_or_on_other_keys(overrides, words):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, overrides)
+    for word in words:
+        assert word in str(error.value), str(error.value)
+
+
+def test_limits_at_the_edge_are_accepted():
+    config = load_config(None, {"data.val_size": 59_000, "data.train_limit": 1_000, "train.seed": 2**32 - 1,
+                                "train.lr_final_ratio": 1, "objective.beta_ramp": 1})
+    assert config.data.train_limit == 1_000 and config.train.seed == 2**32 - 1
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda p: p.mkdir(), ["is a folder"]),
+    (lambda p: p.write_bytes("# café\n".encode("latin-1")), ["not UTF-8", "0xe9"]),
+    (lambda p: __import__("os").mkfifo(p), ["not a regular file"]),
+    (lambda p: p.symlink_to(p.parent / "nothing"), ["does not exist"]),
+], ids=["folder", "latin-1", "fifo", "broken-link"])
+def test_config_paths_that_are_not_a_readable_toml_file(tmp_path, make, words):
+    path = tmp_path / "c.toml"
+    make(path)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    for word in ["c.toml", *words]:
+        assert word in str(error.value)
+
+
+def test_a_set_value_with_a_line_break_is_not_cut_short():
+    assert parse_override("model.z_dim=2\nmodel = 3") == ("model.z_dim", "2\nmodel = 3")

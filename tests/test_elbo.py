@@ -3,10 +3,15 @@
 
 With z ~ N(0, I) and x ~ N(Wz + b, s^2 I), log p(x) = log N(x; b, W W^T + s^2 I) exactly, and
 the posterior is Gaussian: Cov = (I + W^T W / s^2)^-1, mean = Cov W^T (x - b) / s^2.
+
+Statistical tests draw from the ``seed`` fixture (tests/conftest.py) and state their
+false-failure rate per run.
 """
 
 import math
+import random
 
+import numpy as np
 import pyro
 import pytest
 import torch
@@ -14,7 +19,8 @@ from pyro.infer import Trace_ELBO
 
 import pyro_vae.elbo as elbo_module
 from pyro_vae.elbo import IWAE_ELBO, elbo_per_image, evaluate, importance_sampled, make_elbo, mean_elbo
-from pyro_vae.linear_gaussian import X_DIM, linear_gaussian
+from pyro_vae.linear_gaussian import X_DIM, Z_DIM, linear_gaussian
+from pyro_vae.seeding import seeded
 
 
 def test_exact_posterior_gives_exact_log_likelihood_and_elbo():
@@ -26,24 +32,35 @@ def test_exact_posterior_gives_exact_log_likelihood_and_elbo():
     torch.testing.assert_close(elbo_per_image(vae, x), exact, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("max_elements", [elbo_module.MAX_CHUNK_ELEMENTS, 50 * X_DIM * 7])
-def test_importance_sampling_converges_to_exact_log_likelihood(monkeypatch, max_elements):
-    # the second case forces chunks of 7 samples: chunking must not change the estimate's law
+@pytest.mark.statistical
+@pytest.mark.parametrize("max_elements", [elbo_module.MAX_CHUNK_ELEMENTS, 50 * (X_DIM + Z_DIM) * 500])
+def test_importance_sampling_converges_to_exact_log_likelihood(monkeypatch, max_elements, seed):
+    """At K = 50,000 the estimate of log p(x), averaged over 50 images, is within 0.01 nats.
+
+    Its noise: the importance weights of this guide have relative variance Var(w) / p(x)^2
+    = 4.4 per image (bounded weights: q is wider than the posterior), so by the delta method
+    log p_K(x) has standard deviation sqrt(4.4 / K) per image and the 50-image mean
+    sqrt(4.4 / K / 50) = 0.0013 (bias 4.4 / 2K = 4e-5); measured over 100 seeds at K = 5000,
+    0.0048, i.e. 0.0015 at K = 50,000. 0.01 is 6.6 of those (normal, two-sided): false-failure
+    rate 4e-11 per run. The bounds of K = 1, 5, 50 and 50,000 are 2.4, 0.52 and 0.05 nats
+    apart, over 50 of their standard errors; the ELBO of each image lies 2.9 nats (KL(q ||
+    posterior)) below log p(x), its noise 3.7 / sqrt(K) = 0.016: no false failures.
+    """
+    # the second case forces 100 chunks of 500 samples (50 images x (6 pixels + 2 latents) each):
+    # chunking must not change the estimate's law
     monkeypatch.setattr(elbo_module, "MAX_CHUNK_ELEMENTS", max_elements)
     vae, x, exact = linear_gaussian(diagonal_posterior=False, shift=0.3, inflate=1.5)
-    torch.manual_seed(2)
-    log_px_5000, elbo, _, _, bounds = importance_sampled(vae, x, num_samples=5000)
-    log_px_5 = importance_sampled(vae, x, num_samples=5).log_likelihood
-    gap_5000 = (exact - log_px_5000).mean().item()
-    # a lower bound in expectation that tightens with K; at K = 5000 within 0.01 nats here
-    assert abs(gap_5000) < 0.01
-    assert (exact - log_px_5).mean().item() > gap_5000
+    with seeded(seed):
+        log_px, elbo, _, _, bounds = importance_sampled(vae, x, num_samples=50_000)
+    gap = (exact - log_px).mean().item()
+    # a lower bound in expectation that tightens with K; at K = 50,000 within 0.01 nats here
+    assert abs(gap) < 0.01
     # the ELBO is below log p(x) by KL(q || posterior) > 0 for this distorted guide
     assert (elbo < exact).all()
     # the K-sample bounds rise with K towards log p(x); K = 1 is the ELBO on the same samples
     torch.testing.assert_close(bounds[1], elbo)
-    means = [bounds[k].mean().item() for k in (1, 5, 50)] + [log_px_5000.mean().item()]
-    assert means == sorted(means) and means[-1] < exact.mean().item() + 0.01
+    means = [bounds[k].mean().item() for k in (1, 5, 50)] + [log_px.mean().item()]
+    assert means == sorted(means)
 
 
 def test_log_likelihood_estimate_is_at_least_the_elbo_estimate():
@@ -66,16 +83,34 @@ def test_mean_elbo_is_batch_size_independent():
     assert math.isclose(mean_elbo(vae, x, batch_size=7), exact.mean().item(), rel_tol=1e-5)
 
 
-def test_kl_term_matches_the_closed_form():
-    """The sampled KL term of evaluation agrees with KL(q || p) in closed form (4 standard errors)."""
+@pytest.mark.statistical
+def test_kl_term_matches_the_closed_form(seed):
+    """The sampled KL term of evaluation agrees with KL(q || p) in closed form, for each of 50
+    images within 5.5 standard errors of a 4000-sample mean (normal, two-sided; the standard
+    errors from 4000 other draws): false-failure rate 50 x 3.8e-8 = 1.9e-6 per run."""
     vae, x, _ = linear_gaussian(diagonal_posterior=False, shift=0.4, inflate=1.3)
-    torch.manual_seed(3)
-    estimates = importance_sampled(vae, x, num_samples=4000)
-    exact_kl = torch.distributions.kl_divergence(vae.encode(x), vae.prior())
     q = vae.encode(x)
-    z = q.sample((4000,))
+    with seeded(seed):
+        estimates = importance_sampled(vae, x, num_samples=4000)
+        z = q.sample((4000,))
+    exact_kl = torch.distributions.kl_divergence(q, vae.prior())
     se = (q.log_prob(z) - vae.prior().log_prob(z)).std(0) / math.sqrt(4000)
-    assert ((estimates.kl - exact_kl).abs() < 4 * se).all()
+    assert ((estimates.kl - exact_kl).abs() < 5.5 * se).all()
+
+
+def test_evaluate_is_seeded_and_leaves_the_global_state():
+    vae, x, _ = linear_gaussian(diagonal_posterior=False, shift=0.4, inflate=1.3)
+    torch.manual_seed(123)
+    before = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    first = evaluate(vae, x, num_samples=5)
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+    assert np.array_equal(np.random.get_state()[1], before[2])
+    assert evaluate(vae, x, num_samples=5) == first
+    other = evaluate(vae, x, num_samples=5, seed=1)
+    assert other["test_log_likelihood"] != first["test_log_likelihood"]
+    # seed 0 draws what torch.manual_seed(0) before the call drew in earlier versions
+    torch.manual_seed(0)
+    assert first["test_log_likelihood"] == importance_sampled(vae, x, num_samples=5).log_likelihood.mean().item()
 
 
 def test_evaluate_reports_per_image_means():
@@ -134,14 +169,21 @@ def test_iwae_with_one_particle_is_the_elbo():
     assert math.isclose(iwae, elbo, rel_tol=1e-6)
 
 
-def test_iwae_bound_tightens_with_k_towards_log_px():
-    """Averaged over 50 images and 20 repeats, the bound rises with K and stays below log p(x)."""
+@pytest.mark.statistical
+def test_iwae_bound_tightens_with_k_towards_log_px(seed):
+    """Averaged over 50 images and 20 repeats, the bound rises with K and stays below log p(x).
+
+    Per pass (measured over 20): K = 1: -12.61 +- 0.71, K = 5: -9.12 +- 0.32, K = 50: -7.93
+    +- 0.061, log p(x) = -7.79. The closest call, K = 50 below log p(x), holds by 0.14 nats,
+    10 standard errors of the 20-pass mean; the others by 16 or more (normal): false-failure
+    rate below 1e-20 per run.
+    """
     vae, x, exact = linear_gaussian(diagonal_posterior=False, shift=0.4, inflate=1.5)
-    torch.manual_seed(10)
     bounds = {}
-    for K in (1, 5, 50):
-        estimator = IWAE_ELBO(num_particles=K)
-        bounds[K] = sum(-estimator.loss(vae.model_body, vae.guide_body, x) for _ in range(20)) / (20 * len(x))
+    with seeded(seed):
+        for K in (1, 5, 50):
+            estimator = IWAE_ELBO(num_particles=K)
+            bounds[K] = sum(-estimator.loss(vae.model_body, vae.guide_body, x) for _ in range(20)) / (20 * len(x))
     total = exact.mean().item()
     assert bounds[1] < bounds[5] < bounds[50] < total
     assert total - bounds[50] < 0.25 * (total - bounds[1])

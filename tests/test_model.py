@@ -9,6 +9,7 @@ from torch.distributions import kl_divergence
 from pyro_vae.config import load_config
 from pyro_vae.model import LATENT, OBSERVED, build_vae
 from pyro_vae.networks import ARCHITECTURES
+from pyro_vae.seeding import seeded
 
 IMAGE_SHAPE = (1, 12, 10)  # deliberately not square nor a multiple of 4
 
@@ -138,15 +139,22 @@ def test_bernoulli_on_grey_pixels_is_refused_by_pyro_validation():
         Trace_ELBO().loss(vae.model_body, vae.guide_body, grey)
 
 
-def test_model_and_guide_train_with_pyro_svi():
-    """The contract: vae.model / vae.guide work with SVI and pyro.optim as they are."""
+@pytest.mark.statistical
+def test_model_and_guide_train_with_pyro_svi(seed):
+    """The contract: vae.model / vae.guide work with SVI and pyro.optim as they are.
+
+    The seed draws the initial weights and the training noise. Over 100 seeds, the first 10
+    losses summed exceeded the last 10 by 5165 +- 272 nats (smallest 4389): the assertion
+    that they do is 19 standard deviations from failing (normal): false-failure rate below
+    1e-20 per run.
+    """
     pyro.clear_param_store()
-    torch.manual_seed(0)
-    vae = make_vae()
-    x = binary_batch(64)
-    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
-    before = vae.decoder.out.weight.detach().clone()
-    losses = [svi.step(x) for _ in range(60)]
+    with seeded(seed):
+        vae = make_vae()
+        x = binary_batch(64)
+        svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+        before = vae.decoder.out.weight.detach().clone()
+        losses = [svi.step(x) for _ in range(60)]
     assert not torch.equal(before, vae.decoder.out.weight)
     names = set(pyro.get_param_store().keys())
     assert {"encoder$$$loc.weight", "decoder$$$out.weight"} <= names

@@ -37,6 +37,21 @@ def test_make_figures(splits, z_dim, expected):
         assert buffer.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_make_figures_draws_its_samples_from_the_seed_and_leaves_the_global_state(splits):
+    vae = build_vae(load_config(None, {"model.z_dim": 2, "model.hidden_dim": 8}).model, (1, 8, 8))
+
+    def samples(**kwargs):
+        figure = make_figures(vae, splits.test.images, splits.test.labels, [], **kwargs)["samples"]
+        return figure.axes[0].images[0].get_array()
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = samples()
+    assert torch.equal(torch.get_rng_state(), before)
+    assert (samples(seed=0) == first).all()
+    assert not (samples(seed=1) == first).all()
+
+
 @pytest.mark.parametrize("prior", ["standard_normal", "learned_gaussian", "mixture", "vamp"])
 def test_figures_for_every_prior(splits, prior):
     options = {"model.prior_options": {"num_components": 3}} if prior in ("mixture", "vamp") else {}

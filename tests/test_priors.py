@@ -1,4 +1,8 @@
-"""Each prior is a normalized density whose samples have the moments it claims."""
+"""Each prior is a normalized density whose samples have the moments it claims.
+
+Statistical tests draw from the ``seed`` fixture (tests/conftest.py) and state their
+false-failure rate per run; the priors they draw from are fixed (``build``).
+"""
 
 import math
 
@@ -9,6 +13,7 @@ from pyro_vae.networks import MLPEncoder
 import pyro.distributions as dist
 
 from pyro_vae.priors import PRIORS, DiagonalGaussianMixture, make_prior
+from pyro_vae.seeding import seeded
 
 Z_DIM = 2
 IMAGE_SHAPE = (1, 4, 4)
@@ -33,30 +38,37 @@ def test_prior_shapes(name):
     assert p.expand((3,)).log_prob(torch.zeros(3, Z_DIM)).shape == (3,)
 
 
+@pytest.mark.statistical
 @pytest.mark.parametrize("name", sorted(PRIORS))
-def test_prior_density_normalizes(name):
-    """E_g[p(z) / g(z)] = 1 for a broad Gaussian proposal g; 200,000 draws, 4 standard errors."""
+def test_prior_density_normalizes(name, seed):
+    """E_g[p(z) / g(z)] = 1 for a broad Gaussian proposal g: the mean of 200,000 draws is within
+    5 standard errors (normal, two-sided; p / g is bounded, g being broader than every part of
+    p): false-failure rate 5.7e-7 per run."""
     p = build(name)()
     g = torch.distributions.Normal(torch.zeros(Z_DIM), 4.0 * torch.ones(Z_DIM))
-    torch.manual_seed(1)
-    with torch.no_grad():
+    with seeded(seed), torch.no_grad():
         z = g.sample((200_000,))
-        ratio = (p.log_prob(z) - g.log_prob(z).sum(-1)).exp()
+        ratio = (p.log_prob(z) - g.log_prob(z).sum(-1)).exp().double()
     se = ratio.std().item() / math.sqrt(len(ratio))
-    assert abs(ratio.mean().item() - 1) < 4 * se + 1e-3
+    assert abs(ratio.mean().item() - 1) < 5 * se
 
 
+@pytest.mark.statistical
 @pytest.mark.parametrize("name", sorted(PRIORS))
-def test_prior_samples_have_the_claimed_moments(name):
+def test_prior_samples_have_the_claimed_moments(name, seed):
+    """Per latent dimension, the mean and the variance of 100,000 draws are within 5 standard
+    errors of the claimed ones (normal, two-sided; the variance's standard error
+    sqrt((m4 - var^2) / n) from the draws' fourth central moment m4, as mixtures have heavier
+    tails than a Gaussian): 4 checks, false-failure rate 4 x 5.7e-7 = 2.3e-6 per run."""
     p = build(name)()
-    torch.manual_seed(2)
-    with torch.no_grad():
-        z = p.sample((100_000,))
-        mean, var = p.mean, p.variance
+    with seeded(seed), torch.no_grad():
+        z = p.sample((100_000,)).double()
+    mean, var = p.mean.double(), p.variance.double()
     se_mean = (var / len(z)).sqrt()
-    assert ((z.mean(0) - mean).abs() < 4 * se_mean).all()
-    # the sample variance of 100,000 draws is within 4% of the truth for these light tails
-    assert ((z.var(0) / var - 1).abs() < 0.04).all()
+    assert ((z.mean(0) - mean).abs() < 5 * se_mean).all()
+    m4 = (z - z.mean(0)).pow(4).mean(0)
+    se_var = ((m4 - z.var(0) ** 2) / len(z)).sqrt()
+    assert ((z.var(0) - var).abs() < 5 * se_var).all()
 
 
 def test_standard_normal_and_learned_gaussian_start_at_n01():

@@ -185,3 +185,102 @@ def test_a_repeated_signal_within_a_second_is_the_same_request(monkeypatch):
         time.sleep(0.01)
         with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C, later: abort at once
             signal.raise_signal(signal.SIGINT)
+
+
+def test_the_learning_rate_schedule_reaches_the_optimizer(splits, tiny_config, monkeypatch):
+    """Not only the logged lr: the rate the optimizer steps with, at every step."""
+    config = tiny_config.replace(**{"train.epochs": 3, "train.lr_schedule": "cosine", "train.lr_final_ratio": 0.2})
+    stepped = []
+    real = train_module.make_optimizer
+
+    def recording_optimizer(params, lr):
+        optimizer = real(params, lr)
+        step = optimizer.step
+
+        def recorded_step(*args, **kwargs):
+            stepped.append(optimizer.param_groups[0]["lr"])
+            return step(*args, **kwargs)
+
+        optimizer.step = recorded_step
+        return optimizer
+
+    monkeypatch.setattr(train_module, "make_optimizer", recording_optimizer)
+    history = fit(config, splits, progress=False).history
+    steps = math.ceil(len(splits.train) / config.train.batch_size)
+    expected = [learning_rate(config, epoch) for epoch in range(3) for _ in range(steps)]
+    assert stepped == expected
+    assert expected[0] == config.train.lr > expected[steps] > expected[-1] == pytest.approx(0.2 * config.train.lr)
+    assert [r["lr"] for r in history] == [expected[0], expected[steps], expected[-1]]
+
+
+def test_beta_reaches_the_latent_site_of_the_loss(splits, tiny_config, monkeypatch):
+    """The estimator fit uses sees beta as the scale (or, for 0, the mask) of the latent site in
+    both model and guide, epoch by epoch; the reconstruction site stays unscaled."""
+    from pyro import poutine
+
+    from pyro_vae.model import LATENT, OBSERVED
+
+    config = tiny_config.replace(**{"train.epochs": 3, "objective.beta": 2.0, "objective.beta_schedule": "warmup",
+                                    "objective.beta_epochs": 2})
+    seen = []
+    real = train_module.make_elbo
+
+    class Recording:
+        def __init__(self, estimator):
+            self.estimator = estimator
+
+        def differentiable_loss(self, model, guide, *args, **kwargs):
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+            weights = []
+            for trace in (model_trace, guide_trace):
+                site = trace.nodes[LATENT]
+                weights.append(0.0 if site["mask"] is False else float(site["scale"]))
+            assert model_trace.nodes[OBSERVED]["scale"] == 1.0
+            seen.append(tuple(weights))
+            return self.estimator.differentiable_loss(model, guide, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "make_elbo", lambda *a, **k: Recording(real(*a, **k)))
+    fit(config, splits, progress=False)
+    steps = math.ceil(len(splits.train) / config.train.batch_size)
+    assert seen == [(beta, beta) for beta in (0.0, 1.0, 2.0) for _ in range(steps)]
+
+
+def test_train_limit_in_the_config_limits_what_fit_trains_on(splits, tiny_config):
+    result = fit(tiny_config.replace(**{"data.train_limit": 100, "train.epochs": 1}), splits, progress=False)
+    record = result.history[0]
+    assert record["images_per_second"] * record["seconds"] == pytest.approx(100)
+
+
+def test_resuming_with_another_length_keeps_the_planned_learning_rates(tmp_path, splits, tiny_config):
+    """Resume means: the rate of every epoch the run had planned stays; epochs added beyond
+    the plan keep its final rate. (Re-planning the cosine over the new length would change
+    the rate of every remaining epoch.)"""
+    config = tiny_config.replace(**{"train.epochs": 4, "train.lr_schedule": "cosine"})
+    planned = [r["lr"] for r in fit(config, splits, progress=False).history]
+    assert len(set(planned)) == 4
+
+    def stop_after_epoch_2(record):  # as a Ctrl-C would: the run stops early in epoch 3
+        if record["epoch"] == 2:
+            signal.raise_signal(signal.SIGINT)
+
+    stopped = fit(config, splits, run_dir=tmp_path, progress=False, callback=stop_after_epoch_2)
+    assert not stopped.completed and len(stopped.history) == 2
+    shorter = fit(config.replace(**{"train.epochs": 3}), splits, run_dir=tmp_path,
+                  checkpoint=load_checkpoint(tmp_path), progress=False)
+    assert [r["lr"] for r in shorter.history] == planned[:3]
+    longer = fit(config.replace(**{"train.epochs": 6}), splits, run_dir=tmp_path, checkpoint=load_checkpoint(tmp_path),
+                 progress=False)
+    assert longer.config.train.lr_schedule_epochs == 4
+    assert [r["lr"] for r in longer.history] == planned[:3] + [planned[3]] + [planned[3]] * 2
+    assert load_checkpoint(tmp_path)["config"]["train"]["lr_schedule_epochs"] == 4
+
+
+def test_fit_refuses_to_start_over_an_existing_run(tmp_path, splits, tiny_config):
+    from pyro_vae.checkpoint import RunExistsError
+
+    fit(tiny_config, splits, run_dir=tmp_path, progress=False)
+    before = (tmp_path / CHECKPOINT_NAME).read_bytes()
+    with pytest.raises(RunExistsError, match="already holds a run"):
+        fit(tiny_config, splits, run_dir=tmp_path, progress=False)
+    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == before

@@ -1,0 +1,472 @@
+"""A corpus of bad inputs, over every command, flag and config key: each is refused with one
+line and exit status 2 (never a traceback), or accepted on purpose and shown to do what it says.
+
+Most cases call :func:`pyro_vae.cli.main` in this process (a subprocess that imports torch costs
+seconds); a few run ``python -m pyro_vae`` as a user does. A refused case must be refused before
+anything trains or evaluates: training, evaluation and comparison are replaced by a trap.
+Cases that need a trained run get a tiny one (200 MNIST images, one epoch), made once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pyro_vae.cli as cli
+import pyro_vae.compare as compare
+import pyro_vae.data as data
+from pyro_vae.checkpoint import CHECKPOINT_NAME
+from pyro_vae.config import load_config
+from pyro_vae.train import fit
+
+mnist = pytest.mark.mnist
+
+# ---------------------------------------------------------------------------------------------
+# Refused: (argv, words the message must contain). Placeholders in braces are paths made by the
+# `paths` fixture; {run} and {mixture} are trained runs (mnist-marked), {norun} does not exist.
+# A flag checked before the run is loaded is tried on {norun}: the message names the flag, so
+# the refusal is the flag's, not the missing run's.
+# ---------------------------------------------------------------------------------------------
+TRAIN = ["train", "--out", "{new}", "--quiet"]
+
+REFUSED = {
+    # train: every config key, through --set -------------------------------------------------
+    "lr-nan": (TRAIN + ["--set", "train.lr=nan"], ["train.lr", "nan", "finite"]),
+    "lr-inf": (TRAIN + ["--set", "train.lr=inf"], ["train.lr", "inf", "finite"]),
+    "lr-minus-inf": (TRAIN + ["--set", "train.lr=-inf"], ["train.lr", "-inf", "finite"]),
+    "lr-overflowing-float": (TRAIN + ["--set", "train.lr=1e400"], ["train.lr", "finite"]),
+    "lr-overflowing-int": (TRAIN + ["--set", "train.lr=1" + "0" * 400], ["train.lr", "finite"]),
+    "lr-zero": (TRAIN + ["--set", "train.lr=0"], ["train.lr", "> 0"]),
+    "lr-word": (TRAIN + ["--set", "train.lr=fast"], ["train.lr", "'fast'", "number"]),
+    "lr-schedule-unknown": (TRAIN + ["--set", "train.lr_schedule=linear"], ["train.lr_schedule", "cosine"]),
+    "lr-final-ratio-nan": (TRAIN + ["--set", "train.lr_final_ratio=nan"], ["train.lr_final_ratio", "finite"]),
+    "lr-final-ratio-above-1": (TRAIN + ["--set", "train.lr_final_ratio=1.5"], ["train.lr_final_ratio", "<= 1"]),
+    "lr-final-ratio-negative": (TRAIN + ["--set", "train.lr_final_ratio=-0.1"], ["train.lr_final_ratio", ">= 0"]),
+    "lr-schedule-epochs-negative": (TRAIN + ["--set", "train.lr_schedule_epochs=-1"],
+                                    ["train.lr_schedule_epochs", ">= 0"]),
+    "epochs-float": (TRAIN + ["--set", "train.epochs=1.5"], ["train.epochs", "1.5", "integer"]),
+    "epochs-negative": (TRAIN + ["--set", "train.epochs=-1"], ["train.epochs", ">= 0"]),
+    "epochs-bool": (TRAIN + ["--set", "train.epochs=true"], ["train.epochs", "integer"]),
+    "batch-size-zero": (TRAIN + ["--set", "train.batch_size=0"], ["train.batch_size", ">= 1"]),
+    "seed-negative": (TRAIN + ["--set", "train.seed=-1"], ["train.seed", "-1", ">= 0"]),
+    "seed-too-large": (TRAIN + ["--set", "train.seed=4294967296"], ["train.seed", "<= 4294967295"]),
+    "train-unknown-key": (TRAIN + ["--set", "train.optimizer=sgd"], ["train.optimizer", "lr_schedule"]),
+    "beta-nan": (TRAIN + ["--set", "objective.beta=nan"], ["objective.beta", "finite"]),
+    "beta-negative": (TRAIN + ["--set", "objective.beta=-0.5"], ["objective.beta", "-0.5", ">= 0"]),
+    "beta-word": (TRAIN + ["--set", "objective.beta=lots"], ["objective.beta", "lots", "number"]),
+    "beta-ramp-above-1": (TRAIN + ["--set", "objective.beta_ramp=1.5"], ["objective.beta_ramp", "<= 1"]),
+    "beta-ramp-zero": (TRAIN + ["--set", "objective.beta_ramp=0"], ["objective.beta_ramp", "> 0"]),
+    "beta-epochs-zero": (TRAIN + ["--set", "objective.beta_epochs=0"], ["objective.beta_epochs", ">= 1"]),
+    "beta-schedule-unknown": (TRAIN + ["--set", "objective.beta_schedule=exponential"],
+                              ["objective.beta_schedule", "warmup", "cyclical"]),
+    "num-particles-zero": (TRAIN + ["--set", "objective.num_particles=0"], ["objective.num_particles", ">= 1"]),
+    "reconstruction-weight-inf": (TRAIN + ["--set", "objective.reconstruction_weight=inf"],
+                                  ["objective.reconstruction_weight", "finite"]),
+    "reconstruction-weight-negative": (TRAIN + ["--set", "objective.reconstruction_weight=-1"],
+                                       ["objective.reconstruction_weight", ">= 0"]),
+    "elbo-unknown": (TRAIN + ["--set", "objective.elbo=renyi"], ["objective.elbo", "iwae", "mc"]),
+    "analytic-without-closed-form": (TRAIN + ["--set", "model.prior=vamp", "--set", "objective.elbo=analytic"],
+                                     ["analytic", "vamp", "closed-form"]),
+    "val-size-whole-dataset": (TRAIN + ["--set", "data.val_size=60000"], ["data.val_size", "60000", "59999"]),
+    "val-size-zero": (TRAIN + ["--set", "data.val_size=0"], ["data.val_size", ">= 1"]),
+    "train-limit-beyond-split": (TRAIN + ["--set", "data.train_limit=50001"], ["data.train_limit", "50001", "50000"]),
+    "train-limit-beyond-small-split": (TRAIN + ["--set", "data.val_size=59000", "--set", "data.train_limit=1001"],
+                                       ["data.train_limit", "1001", "1000"]),
+    "train-limit-negative": (TRAIN + ["--set", "data.train_limit=-1"], ["data.train_limit", ">= 0"]),
+    "dataset-unknown": (TRAIN + ["--set", "data.dataset=cifar"], ["data.dataset", "cifar", "mnist"]),
+    "binarize-unknown": (TRAIN + ["--set", "data.binarize=yes"], ["data.binarize", "static", "none"]),
+    "bernoulli-on-grey": (TRAIN + ["--set", "data.binarize=none"], ["bernoulli", "data.binarize"]),
+    "z-dim-zero": (TRAIN + ["--set", "model.z_dim=0"], ["model.z_dim", ">= 1"]),
+    "z-dim-float": (TRAIN + ["--set", "model.z_dim=2.5"], ["model.z_dim", "integer"]),
+    "hidden-dim-zero": (TRAIN + ["--set", "model.hidden_dim=0"], ["model.hidden_dim", ">= 1"]),
+    "num-layers-zero": (TRAIN + ["--set", "model.num_layers=0"], ["model.num_layers", ">= 1"]),
+    "num-layers-with-conv": (TRAIN + ["--set", "model.arch=conv", "--set", "model.num_layers=2"],
+                             ["model.num_layers", "conv", "mlp"]),
+    "arch-unknown": (TRAIN + ["--set", "model.arch=transformer"], ["model.arch", "transformer", "conv"]),
+    "likelihood-unknown": (TRAIN + ["--set", "model.likelihood=poisson"], ["model.likelihood", "poisson", "laplace"]),
+    "prior-unknown": (TRAIN + ["--set", "model.prior=flow"], ["model.prior", "flow", "vamp"]),
+    "likelihood-scale-nan": (TRAIN + ["--likelihood", "gaussian", "--set", "data.binarize=none",
+                                      "--set", "model.likelihood_options.scale=nan"],
+                             ["model.likelihood_options.scale", "finite"]),
+    "likelihood-scale-inf": (TRAIN + ["--likelihood", "gaussian_learned", "--set", "data.binarize=none",
+                                      "--set", "model.likelihood_options.scale=inf"],
+                             ["model.likelihood_options.scale", "finite"]),
+    "likelihood-min-scale-minus-inf": (TRAIN + ["--likelihood", "laplace", "--set", "data.binarize=none",
+                                                "--set", "model.likelihood_options.min_scale=-inf"],
+                                       ["model.likelihood_options.min_scale", "finite"]),
+    "likelihood-scale-zero": (TRAIN + ["--likelihood", "gaussian", "--set", "data.binarize=none",
+                                       "--set", "model.likelihood_options.scale=0"], ["scale", "> 0"]),
+    "likelihood-flag-not-bool": (TRAIN + ["--likelihood", "laplace", "--set", "data.binarize=none",
+                                          "--set", "model.likelihood_options.learned=yes"], ["learned", "true or false"]),
+    "likelihood-option-unknown": (TRAIN + ["--set", "model.likelihood_options.scale=0.1"],
+                                  ["not an option of likelihood 'bernoulli'"]),
+    "likelihood-options-not-table": (TRAIN + ["--set", "model.likelihood_options=3"], ["model.likelihood_options", "table"]),
+    "prior-components-zero": (TRAIN + ["--prior", "mixture", "--set", "model.prior_options.num_components=0"],
+                              ["num_components", ">= 1"]),
+    "prior-components-float": (TRAIN + ["--prior", "vamp", "--set", "model.prior_options.num_components=2.5"],
+                               ["num_components", "integer"]),
+    "prior-option-unknown": (TRAIN + ["--set", "model.prior_options.num_components=10"],
+                             ["num_components", "not an option of prior 'standard_normal'"]),
+    "option-on-plain-key": (TRAIN + ["--set", "model.z_dim.x=1"], ["model.z_dim.x", "unknown key"]),
+    "section-unknown": (TRAIN + ["--set", "modle.z_dim=2"], ["modle.z_dim", "sections"]),
+    "set-without-equals": (TRAIN + ["--set", "nonsense"], ["section.key=value"]),
+    "set-too-deep": (TRAIN + ["--set", "a.b.c.d=1"], ["section.key=value"]),
+    "set-value-with-line-break": (TRAIN + ["--set", "model.z_dim=2\nmodel = 3"], ["model.z_dim", "integer"]),
+    # train: a key given twice, which would drop one value unchecked ---------------------------
+    "set-and-shorthand-disagree": (TRAIN + ["--set", "train.epochs=1.5", "--epochs", "2"],
+                                   ["train.epochs", "given twice", "--epochs 2"]),
+    "set-twice-disagree": (TRAIN + ["--set", "model.z_dim=2", "--set", "model.z_dim=3"], ["model.z_dim", "given twice"]),
+    # train: flags ------------------------------------------------------------------------------
+    "epochs-flag-negative": (TRAIN + ["--epochs", "-1"], ["--epochs", "-1", ">= 0"]),
+    "epochs-flag-float": (TRAIN + ["--epochs", "1.5"], ["--epochs", "1.5", "integer"]),
+    "seed-flag-negative": (TRAIN + ["--seed", "-1"], ["--seed", "-1", "between 0 and 4294967295"]),
+    "seed-flag-too-large": (TRAIN + ["--seed", str(2**64)], ["--seed", "4294967295"]),
+    "beta-flag-nan": (TRAIN + ["--beta", "nan"], ["--beta", "nan", "finite"]),
+    "beta-flag-negative": (TRAIN + ["--beta", "-1"], ["objective.beta", "-1"]),
+    "train-limit-flag-negative": (TRAIN + ["--train-limit", "-5"], ["--train-limit", "-5", ">= 0"]),
+    "train-limit-flag-too-large": (TRAIN + ["--train-limit", "60000"], ["data.train_limit", "60000", "50000"]),
+    "likelihood-flag-unknown": (TRAIN + ["--likelihood", "poisson"], ["model.likelihood", "poisson"]),
+    "prior-flag-unknown": (TRAIN + ["--prior", "flow"], ["model.prior", "flow"]),
+    "device-unknown": (TRAIN + ["--device", "tpu"], ["--device", "tpu", "cpu"]),
+    "flag-unknown": (TRAIN + ["--lr", "0.1"], ["unrecognized arguments", "--lr"]),
+    "config-missing": (TRAIN + ["--config", "{tmp}/nope.toml"], ["nope.toml", "does not exist"]),
+    "config-folder": (TRAIN + ["--config", "{dir}"], ["config file", "is a folder"]),
+    "config-fifo": (TRAIN + ["--config", "{fifo}"], ["config file", "not a regular file"]),
+    "config-broken-link": (TRAIN + ["--config", "{link}"], ["config file", "does not exist"]),
+    "config-not-utf8": (TRAIN + ["--config", "{latin1}"], ["latin1.toml", "not UTF-8"]),
+    "config-not-toml": (TRAIN + ["--config", "{badtoml}"], ["bad.toml", "not valid TOML"]),
+    "config-unknown-section": (TRAIN + ["--config", "{optimizer_toml}"], ["unknown section [optimizer]"]),
+    "config-nan-in-file": (TRAIN + ["--config", "{nan_toml}"], ["train.lr", "nan", "finite"]),
+    "out-is-file": (["train", "--out", "{file}", "--quiet"], ["--out", "file.txt", "is a file"]),
+    "out-under-file": (["train", "--out", "{file}/run", "--quiet"], ["--out", "file.txt", "is a file"]),
+    "out-empty": (["train", "--out", "", "--quiet"], ["--out", "folder name"]),
+    "out-broken-link": (["train", "--out", "{link}", "--quiet"], ["--out", "symbolic link"]),
+    "resume-with-set": (["train", "--resume", "{norun}", "--set", "model.z_dim=2"], ["--resume", "own config"]),
+    "resume-missing": (["train", "--resume", "{norun}"], ["no checkpoint", "no-run"]),
+    "resume-file": (["train", "--resume", "{file}"], ["no checkpoint", "file.txt"]),
+    "resume-corrupt": (["train", "--resume", "{corrupt}"], ["corrupted"]),
+    "resume-epochs-already-done": pytest.param(["train", "--resume", "{run}", "--epochs", "1"],
+                                               ["--epochs 1", "already trained 1 epochs"], marks=mnist),
+    "data-dir-missing": (TRAIN + ["--data-dir", "{tmp}/nowhere", "--epochs", "1"],
+                         ["nowhere", "train-images-idx3-ubyte"]),
+    "data-dir-file": (TRAIN + ["--data-dir", "{file}", "--epochs", "1"], ["file.txt", "train-images-idx3-ubyte"]),
+    # the command line itself ----------------------------------------------------------------------
+    "no-command": ([], ["usage:", "required"]),
+    "command-unknown": (["fit"], ["invalid choice", "'fit'"]),
+    # evaluate --------------------------------------------------------------------------------------
+    "evaluate-k-zero": (["evaluate", "{norun}", "-k", "0"], ["--num-samples", "'0'", ">= 1"]),
+    "evaluate-k-negative": (["evaluate", "{norun}", "--num-samples", "-3"], ["--num-samples", ">= 1"]),
+    "evaluate-k-float": (["evaluate", "{norun}", "-k", "1.5"], ["--num-samples", "integer"]),
+    "evaluate-limit-negative": (["evaluate", "{norun}", "--limit", "-1"], ["--limit", "'-1'", ">= 0"]),
+    "evaluate-limit-word": (["evaluate", "{norun}", "--limit", "all"], ["--limit", "integer"]),
+    "evaluate-seed-negative": (["evaluate", "{norun}", "--seed", "-1"], ["--seed", "between 0"]),
+    "evaluate-device-unknown": (["evaluate", "{norun}", "--device", "gpu"], ["--device", "gpu"]),
+    "evaluate-no-run-dir": (["evaluate"], ["RUN_DIR", "required"]),
+    "evaluate-run-missing": (["evaluate", "{norun}"], ["no checkpoint", "no-run"]),
+    "evaluate-run-is-file": (["evaluate", "{file}"], ["no checkpoint", "file.txt"]),
+    "evaluate-run-corrupt": (["evaluate", "{corrupt}"], ["corrupted"]),
+    "evaluate-limit-beyond-test": pytest.param(["evaluate", "{run}", "--limit", "10001", "--quiet"],
+                                               ["--limit", "10001", "10000"], marks=mnist),
+    "evaluate-data-dir-missing": pytest.param(["evaluate", "{run}", "--data-dir", "{tmp}/nowhere"],
+                                              ["nowhere", "train-images-idx3-ubyte"], marks=mnist),
+    # plot ------------------------------------------------------------------------------------------
+    "plot-no-run-dir": (["plot"], ["RUN_DIR", "required"]),
+    "plot-run-missing": (["plot", "{norun}"], ["no checkpoint"]),
+    "plot-run-is-file": (["plot", "{file}"], ["no checkpoint"]),
+    "plot-run-corrupt": (["plot", "{corrupt}"], ["corrupted"]),
+    "plot-flag-unknown": (["plot", "{norun}", "--limit", "5"], ["unrecognized arguments", "--limit"]),
+    "plot-data-dir-missing": pytest.param(["plot", "{run}", "--data-dir", "{tmp}/nowhere"],
+                                          ["nowhere", "train-images-idx3-ubyte"], marks=mnist),
+    # compare-elbo on a run -------------------------------------------------------------------------
+    "compare-no-mode": (["compare-elbo"], ["RUN_DIR", "--train"]),
+    "compare-both-modes": (["compare-elbo", "{norun}", "--train"], ["RUN_DIR", "--train", "not both"]),
+    "compare-estimator-unknown": (["compare-elbo", "{norun}", "--estimators", "renyi"], ["renyi", "choose one of"]),
+    "compare-estimator-bad-k": (["compare-elbo", "{norun}", "--estimators", "iwae:x"], ["iwae:x", "NAME:PARTICLES"]),
+    "compare-estimator-zero-k": (["compare-elbo", "{norun}", "--estimators", "iwae:0"], ["iwae:0", ">= 1"]),
+    "compare-estimator-twice": (["compare-elbo", "{norun}", "--estimators", "mc", "mc:1"], ["mc:1", "'mc'", "once"]),
+    "compare-repeats-zero": (["compare-elbo", "{norun}", "--repeats", "0"], ["--repeats", "'0'", ">= 1"]),
+    "compare-grad-samples-one": (["compare-elbo", "{norun}", "--grad-samples", "1"], ["--grad-samples", ">= 2"]),
+    "compare-limit-negative": (["compare-elbo", "{norun}", "--limit", "-1"], ["--limit", ">= 0"]),
+    "compare-epochs-without-train": (["compare-elbo", "{norun}", "--epochs", "2"], ["--epochs", "only used with --train"]),
+    "compare-set-without-train": (["compare-elbo", "{norun}", "--set", "model.z_dim=2"], ["--set", "only used with --train"]),
+    "compare-config-without-train": (["compare-elbo", "{norun}", "--config", "{file}"], ["--config", "only used with --train"]),
+    "compare-k-without-train": (["compare-elbo", "{norun}", "-k", "5"], ["--num-samples", "only used with --train"]),
+    "compare-out-without-train": (["compare-elbo", "{norun}", "--out", "{new}"], ["--out", "only used with --train"]),
+    "compare-only-analytic-on-mixture": pytest.param(["compare-elbo", "{mixture}", "--estimators", "analytic"],
+                                                     ["analytic", "mixture", "nothing left"], marks=mnist),
+    "compare-limit-beyond-test": pytest.param(["compare-elbo", "{run}", "--limit", "20000"],
+                                              ["--limit", "20000", "10000"], marks=mnist),
+    "compare-data-dir-missing": pytest.param(["compare-elbo", "{run}", "--data-dir", "{tmp}/nowhere"],
+                                             ["nowhere", "train-images-idx3-ubyte"], marks=mnist),
+    # compare-elbo --train --------------------------------------------------------------------------
+    "compare-train-repeats": (["compare-elbo", "--train", "--repeats", "3"], ["--repeats", "only used with RUN_DIR"]),
+    "compare-train-limit": (["compare-elbo", "--train", "--limit", "10"], ["--limit", "only used with RUN_DIR"]),
+    "compare-train-lr-nan": (["compare-elbo", "--train", "--out", "{new}", "--set", "train.lr=nan"], ["train.lr", "finite"]),
+    "compare-train-epochs-twice": (["compare-elbo", "--train", "--out", "{new}", "--set", "train.epochs=1", "--epochs", "2"],
+                                   ["train.epochs", "given twice"]),
+    "compare-train-epochs-negative": (["compare-elbo", "--train", "--epochs", "-2"], ["--epochs", ">= 0"]),
+    "compare-train-k-zero": (["compare-elbo", "--train", "-k", "0"], ["--num-samples", ">= 1"]),
+    "compare-train-analytic-on-vamp": (["compare-elbo", "--train", "--out", "{new}", "--set", "model.prior=vamp",
+                                        "--estimators", "analytic"], ["analytic", "vamp", "closed-form"]),
+    "compare-train-out-is-file": (["compare-elbo", "--train", "--out", "{file}"], ["--out", "is a file"]),
+    "compare-train-config-folder": (["compare-elbo", "--train", "--out", "{new}", "--config", "{dir}"], ["is a folder"]),
+}
+
+#: The cases that also run as a real ``python -m pyro_vae`` process.
+AS_SUBPROCESS = ["lr-nan", "val-size-whole-dataset", "config-fifo", "evaluate-k-zero",
+                 "compare-repeats-zero"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _read_each_file_once():
+    """MNIST is read from disk once for this module, not once per command (2 s each)."""
+    cache, read = {}, data._read
+    def cached(*args, **kwargs):
+        key = (args, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = read(*args, **kwargs)
+        return cache[key]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(data, "_read", cached)
+        yield
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory) -> dict[str, str]:
+    tmp = tmp_path_factory.mktemp("bad_inputs")
+    (tmp / "file.txt").write_text("not a folder\n")
+    (tmp / "folder").mkdir()
+    os.mkfifo(tmp / "fifo")  # reading it would block until a writer comes: never open it
+    (tmp / "link").symlink_to(tmp / "nothing-here")
+    (tmp / "latin1.toml").write_bytes("# café\n[model]\nz_dim = 2\n".encode("latin-1"))
+    (tmp / "bad.toml").write_text("[model\nz_dim = 2\n")
+    (tmp / "optimizer.toml").write_text("[optimizer]\nlr = 1.0\n")
+    (tmp / "nan.toml").write_text("[train]\nlr = nan\n")
+    (tmp / "corrupt").mkdir()
+    (tmp / "corrupt" / CHECKPOINT_NAME).write_bytes(b"PK\x03\x04 truncated zip")
+    return {
+        "tmp": str(tmp), "file": str(tmp / "file.txt"), "dir": str(tmp / "folder"), "fifo": str(tmp / "fifo"),
+        "link": str(tmp / "link"), "latin1": str(tmp / "latin1.toml"), "badtoml": str(tmp / "bad.toml"),
+        "optimizer_toml": str(tmp / "optimizer.toml"), "nan_toml": str(tmp / "nan.toml"),
+        "corrupt": str(tmp / "corrupt"), "norun": str(tmp / "no-run"),
+    }
+
+
+TINY = {"model.hidden_dim": 16, "model.z_dim": 2, "train.epochs": 1, "train.batch_size": 100,
+        "data.train_limit": 200, "data.val_size": 1000}
+
+
+@pytest.fixture(scope="module")
+def runs(mnist_dir, tmp_path_factory) -> dict[str, str]:
+    """Two tiny trained runs: the default prior, and a mixture prior (no closed-form KL)."""
+    folder = tmp_path_factory.mktemp("runs")
+    splits = data.load_splits("mnist", mnist_dir, val_size=1000, train_limit=200)
+    made = {}
+    for name, extra in {"run": {}, "mixture": {"model.prior": "mixture", "model.prior_options.num_components": 2}}.items():
+        fit(load_config(None, {**TINY, **extra}), splits, folder / name, progress=False)
+        made[name] = str(folder / name)
+    return made
+
+
+def _argv(argv, paths, tmp_path, request) -> list[str]:
+    places = {**paths, "new": str(tmp_path / "new")}
+    if any("{run}" in a or "{mixture}" in a for a in argv):
+        places.update(request.getfixturevalue("runs"))
+    for name, path in places.items():
+        argv = [a.replace("{" + name + "}", path) for a in argv]
+    return argv
+
+
+def _call(argv, capsys) -> tuple[int, str, str]:
+    """Run the CLI in this process: (exit status, stdout, stderr); argparse's exit is a status too."""
+    try:
+        status = cli.main(argv)
+    except SystemExit as exit:
+        status = exit.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def _assert_refused(status, err, words):
+    assert status == 2, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines, "no message"
+    if lines[0].startswith("usage:"):  # argparse: the usage, then one error line
+        assert lines[-1].startswith("pyro-vae") and ": error: " in lines[-1], err
+        assert sum(": error: " in line for line in lines) == 1, err
+    else:
+        assert len(lines) == 1 and lines[0].startswith("pyro-vae: error: "), err
+    for word in words:
+        assert word in err, f"{word!r} not in {err!r}"
+
+
+def _trap(*args, **kwargs):
+    raise AssertionError("a refused case reached training, evaluation or comparison")
+
+
+@pytest.mark.parametrize("argv, words", REFUSED.values(), ids=REFUSED.keys())
+def test_refused_with_one_line(argv, words, paths, tmp_path, request, capsys, monkeypatch):
+    argv = _argv(argv, paths, tmp_path, request)
+    for module, name in [(cli, "fit"), (cli, "evaluate"), (compare, "compare_estimators"),
+                         (compare, "train_side_by_side")]:
+        monkeypatch.setattr(module, name, _trap)
+    status, _, err = _call(argv, capsys)
+    _assert_refused(status, err, words)
+
+
+def test_unreadable_config_file(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "secret.toml"
+    path.write_text("[model]\nz_dim = 2\n")
+    path.chmod(0)
+    if os.geteuid() == 0:  # root reads it anyway: stand in the error a user would get
+        def refuse(self):
+            raise PermissionError(13, "Permission denied", str(self))
+        monkeypatch.setattr(Path, "read_bytes", refuse)
+    status, _, err = _call(["train", "--config", str(path), "--out", str(tmp_path / "run")], capsys)
+    _assert_refused(status, err, ["secret.toml", "cannot be read", "Permission denied"])
+
+
+@pytest.fixture(scope="module")
+def subprocess_results(paths, tmp_path_factory) -> dict:
+    """The AS_SUBPROCESS cases, started together (each spends ~2 s importing torch)."""
+    new = tmp_path_factory.mktemp("subprocess")
+    started = {}
+    for name in AS_SUBPROCESS:
+        argv = REFUSED[name][0]
+        for key, path in {**paths, "new": str(new / name)}.items():
+            argv = [a.replace("{" + key + "}", path) for a in argv]
+        started[name] = subprocess.Popen([sys.executable, "-m", "pyro_vae", *argv], stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True)
+    results = {}
+    for name, process in started.items():
+        try:
+            _, err = process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:  # e.g. a FIFO opened for reading
+            process.kill()
+            _, err = process.communicate()
+            err += "\n(timed out)"
+        results[name] = (process.returncode, err)
+    return results
+
+
+@pytest.mark.parametrize("name", AS_SUBPROCESS)
+def test_refused_as_a_process(name, subprocess_results):
+    status, err = subprocess_results[name]
+    _assert_refused(status, err, REFUSED[name][1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Accepted on purpose: each with the reason, and a cheap check that it does what it says.
+# ---------------------------------------------------------------------------------------------
+def _tiny_train(out, *extra) -> list[str]:
+    """``train`` of a TINY config (less train.epochs, and the keys that ``extra`` sets)."""
+    given = {"train.epochs", *(item.partition("=")[0] for item in extra)}
+    sets = [item for key, value in TINY.items() if key not in given for item in ("--set", f"{key}={value}")]
+    return ["train", *sets, "--out", str(out), "--quiet", *extra]
+
+
+def _saved_config(out):
+    return load_config(Path(out) / "config.toml")
+
+
+@mnist
+def test_zero_epochs_is_a_dry_run(tmp_path, mnist_dir, capsys):
+    # On purpose: --epochs 0 checks the config and the data and writes config.toml, trains
+    # nothing and writes no checkpoint; the same key given twice with one value is no conflict.
+    out = tmp_path / "run"
+    status, stdout, err = _call(_tiny_train(out, "--epochs", "0", "--set", "train.epochs=0",
+                                            "--data-dir", str(mnist_dir)), capsys)
+    assert status == 0, err
+    assert json.loads(stdout) == {"run_dir": str(out)}
+    assert _saved_config(out).train.epochs == 0 and not (out / CHECKPOINT_NAME).exists()
+
+
+@mnist
+@pytest.mark.parametrize("extra, check", [
+    # an integer for a float key is a number: TOML writes 4 for 4.0
+    (["--set", "objective.beta=4"], lambda c: c.objective.beta == 4.0),
+    # the bounds themselves: seeds 0 and 2**32 - 1, ratio 1 (a constant cosine), ramp 1
+    (["--seed", "4294967295", "--set", "train.lr_final_ratio=1", "--set", "objective.beta_ramp=1"],
+     lambda c: c.train.seed == 2**32 - 1 and c.train.lr_final_ratio == 1.0 and c.objective.beta_ramp == 1.0),
+    # conv has one depth, and num_layers = 1 says so; a quoted TOML string is the bare word
+    (["--set", 'model.arch="conv"', "--set", "model.num_layers=1"], lambda c: c.model.arch == "conv"),
+    # a train_limit of exactly the images left after val_size is all of them, not too many
+    (["--set", "data.val_size=59000", "--set", "data.train_limit=1000"], lambda c: c.data.train_limit == 1000),
+    # options given as one inline table
+    (["--prior", "mixture", "--set", "model.prior_options={num_components = 3}"],
+     lambda c: c.model.prior_options == {"num_components": 3}),
+], ids=["int-for-float", "bounds", "conv-quoted", "train-limit-all-left", "inline-table"])
+def test_accepted_configs(extra, check, tmp_path, mnist_dir, capsys):
+    out = tmp_path / "run"
+    status, _, err = _call(_tiny_train(out, "--epochs", "0", "--data-dir", str(mnist_dir), *extra), capsys)
+    assert status == 0, err
+    assert check(_saved_config(out))
+
+
+@mnist
+def test_existing_empty_out_folder_and_batch_larger_than_data(tmp_path, mnist_dir, capsys):
+    # On purpose: --out may name an existing folder that holds no run; a batch larger than the
+    # training set is one batch of all of it per epoch (full-batch training), not an error.
+    out = tmp_path / "existing"
+    out.mkdir()
+    status, stdout, err = _call(_tiny_train(out, "--epochs", "1", "--set", "train.batch_size=1000",
+                                            "--data-dir", str(mnist_dir)), capsys)
+    assert status == 0, err
+    record = json.loads(stdout)
+    assert record["epoch"] == 1 and torch.isfinite(torch.tensor(record["train_loss"]))
+    assert (out / CHECKPOINT_NAME).is_file()
+
+
+@mnist
+def test_evaluate_with_one_sample_and_the_largest_seed(runs, mnist_dir, capsys):
+    # On purpose: K = 1 is the ELBO itself (no importance weighting), and --limit 5 takes 5.
+    status, stdout, err = _call(["evaluate", runs["run"], "-k", "1", "--limit", "5", "--seed", "4294967295",
+                                 "--quiet", "--data-dir", str(mnist_dir)], capsys)
+    assert status == 0, err
+    result = json.loads(stdout)
+    assert result["num_images"] == 5 and result["seed"] == 2**32 - 1
+    assert result["test_log_likelihood"] == pytest.approx(result["test_elbo"], abs=1e-4)
+
+
+@mnist
+def test_compare_one_repeat_and_analytic_left_out(runs, mnist_dir, capsys):
+    # On purpose: --repeats 1 has no spread (estimate_std 0.0); 'analytic' on a prior without a
+    # closed-form KL is left out with a note, while another estimator remains to compare.
+    status, _, err = _call(["compare-elbo", runs["mixture"], "--estimators", "mc", "analytic", "--repeats", "1",
+                            "--grad-samples", "2", "--limit", "20", "--data-dir", str(mnist_dir)], capsys)
+    assert status == 0, err
+    assert "note:" in err and "Traceback" not in err
+    records = json.loads((Path(runs["mixture"]) / "elbo_comparison.json").read_text())
+    assert [r["estimator"] for r in records] == ["mc"]
+    assert records[0]["estimate_std"] == 0.0 and records[0]["num_images"] == 20
+
+
+def _argv_of(case) -> list[str]:
+    return (case.values if hasattr(case, "values") else case)[0]
+
+
+def test_corpus_covers_every_config_key_and_flag():
+    """A new config key, or a new flag that takes a value, needs a refused case here."""
+    from dataclasses import fields
+
+    from pyro_vae.config import Config
+
+    assert len(REFUSED) >= 60
+    text = " ".join(" ".join(_argv_of(case)) for case in REFUSED.values())
+    for section in fields(Config):
+        for key in fields(section.type if isinstance(section.type, type) else getattr(Config(), section.name)):
+            assert f"{section.name}.{key.name}" in text, f"no case for {section.name}.{key.name}"
+    commands = next(a for a in cli.build_parser()._actions if a.dest == "command").choices
+    for command, parser in commands.items():
+        argvs = [_argv_of(case) for case in REFUSED.values() if _argv_of(case)[:1] == [command]]
+        for action in parser._actions:
+            if action.option_strings and action.nargs != 0 and action.dest != "help":
+                assert any(set(action.option_strings) & set(argv) for argv in argvs), \
+                    f"no case for {command} {action.option_strings[0]}"
