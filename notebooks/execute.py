@@ -4,8 +4,9 @@
 
 Names select notebooks by prefix (``01``, ``03_analytic``); none means all four. The kernel
 runs in the repository root, so runs go to ``runs/notebooks/<notebook>/``, and reads MNIST from
-``$PYRO_VAE_DATA``. The full setting is the default (estimated at about 25 minutes for the four
-on a 2-core CPU: run it on a quiet machine, as each notebook saves its own wall-clock time);
+``$PYRO_VAE_DATA``. The full setting is the default (about 27 minutes for the four on a 2-core
+CPU, the sum of the times the notebooks saved: run it on a quiet machine, as each notebook
+saves its own wall-clock time);
 ``--smoke`` sets ``PYRO_VAE_SMOKE=1`` for the small setting the tests use, in about a minute.
 After a full run, the first figure of each notebook's cell tagged ``readme-figure`` is written to
 ``docs/figures/notebook_<name>.png``, for the README. A notebook with a failing cell is not
