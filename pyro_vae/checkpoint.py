@@ -24,6 +24,34 @@ import torch
 CHECKPOINT_NAME = "checkpoint.pt"
 #: Keys every checkpoint written by :func:`pyro_vae.fit` has.
 REQUIRED_KEYS = ("config", "image_shape", "model", "optimizer", "rng", "epoch", "step", "history")
+#: How the run's VAE was made: from ``config.model`` (``load_run`` rebuilds it), or by hand
+#: (``load_run(run_dir, vae=...)`` needs the same modules again).
+BUILT_FROM_CONFIG, BUILT_BY_HAND = "config", "hand"
+
+
+def training_state(*, config: dict, image_shape, model: dict, optimizer: dict, rng: dict, epoch: int, step: int,
+                   history: list, order=None, partial=None, data: dict | None = None, plugins=(),
+                   built: str = BUILT_FROM_CONFIG) -> dict:
+    """The checkpoint's layout, in one place: everything needed to resume or reload a run.
+
+    :param config: the run's config as a dict (``Config.to_dict()``).
+    :param image_shape: the shape of one datum, ``(C, H, W)`` or ``(D,)``.
+    :param model: the VAE's ``state_dict()``; ``optimizer``: the optimizer's.
+    :param rng: the random states (torch's, the data order's, CUDA's on a GPU).
+    :param epoch: epochs finished; ``step``: steps finished in the running one (0 at an
+        epoch's end), with its permutation ``order`` and running sums ``partial``.
+    :param history: one metrics record per finished epoch.
+    :param data: where the data came from (``Splits.source``: the dataset, its kind, path and
+        fingerprint), so that evaluation and resume read exactly that data; ``None`` for
+        tensors handed to ``fit`` without a source.
+    :param plugins: the ``--plugin`` modules or files that registered the run's components.
+    :param built: :data:`BUILT_FROM_CONFIG` or :data:`BUILT_BY_HAND`.
+    """
+    return {
+        "config": config, "image_shape": list(image_shape), "model": model, "optimizer": optimizer, "rng": rng,
+        "epoch": epoch, "step": step, "order": order, "partial": partial, "history": history,
+        "data": data, "plugins": list(plugins), "built": built,
+    }
 
 
 class CheckpointError(RuntimeError):
@@ -139,8 +167,13 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
-def load_run(run_dir: str | Path):
+def load_run(run_dir: str | Path, vae=None):
     """The trained VAE of a run folder, in eval mode, with its config as ``vae.config``.
+
+    A VAE built from the config (registered components included: load the plugins that
+    registered them first) is rebuilt; pass ``vae`` to load the weights into a VAE built by
+    hand, which must have the same modules as the one that trained (its ``state_dict`` keys
+    and shapes are checked).
 
     ``vae.model(x)`` and ``vae.guide(x)`` work with Pyro's ``SVI``; ``vae.encode(x)`` is
     q(z|x), ``vae.decode(z)`` is p(x|z), ``vae.prior()`` is p(z).
@@ -148,9 +181,20 @@ def load_run(run_dir: str | Path):
     from .config import from_dict
     from .model import build_vae
 
-    state = load_checkpoint(Path(run_dir) / CHECKPOINT_NAME)
+    path = Path(run_dir) / CHECKPOINT_NAME
+    state = load_checkpoint(path)
     config = from_dict(state["config"])
-    vae = build_vae(config.model, tuple(state["image_shape"]))
-    vae.load_state_dict(state["model"])
+    if vae is None:
+        if state.get("built", BUILT_FROM_CONFIG) == BUILT_BY_HAND:
+            raise CheckpointError(f"{run_dir} was trained on a VAE built by hand, which its config does not "
+                                  "describe: build the same VAE and pass it, load_run(run_dir, vae=...)")
+        vae = build_vae(config.model, tuple(state["image_shape"]))
+    try:
+        vae.load_state_dict(state["model"])
+    except RuntimeError as error:  # missing, unexpected or differently shaped weights
+        reason = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+        raise CheckpointError(f"the VAE given does not match the one {run_dir} trained ({reason})") from None
     vae.config = config
+    vae.data_source = state.get("data")
+    vae.plugins = state.get("plugins", [])
     return vae.eval()

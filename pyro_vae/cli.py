@@ -17,12 +17,13 @@ from . import __version__
 from .checkpoint import (CHECKPOINT_NAME, CheckpointError, DiskFullError, RunExistsError, is_disk_full, load_checkpoint,
                          load_run)
 from .config import MAX_SEED, ConfigError, from_dict, load_config, parse_override
-from .data import DATA_ENV, DataNotFoundError, load_splits, prepare
+from .components import has_closed_form_kl, load_plugins
+from .data import DATA_ENV, DataError, DataNotFoundError, check_source, load_data, prepare
 from .compare import DEFAULT_ESTIMATORS
 from .distributed import (DEVICES, DistributedError, is_communication_error, launched_world_size, resolve_device, setup,
                           teardown)
 from .elbo import evaluate
-from .train import METRICS_NAME, TrainingDiverged, fit, resumed_config
+from .train import METRICS_NAME, TrainingDiverged, check_data, fit, resumed_config
 
 # Exit statuses (README, "Command line"): each says what happened without reading stderr.
 EXIT_USAGE = 2  # bad input: config, flag, data folder, checkpoint
@@ -83,11 +84,20 @@ def _add_device(parser):
                         help="where the model and each batch go (default auto: CUDA if available, else CPU)")
 
 
-def _add_data_dir(parser):
+def _add_data_dir(parser, data_help: str):
     parser.add_argument(
         "--data-dir", metavar="DIR",
-        help=f"folder holding MNIST/raw/... (default: ${DATA_ENV}, else ./data, where it is downloaded if missing)",
+        help=f"folder holding the torchvision datasets, e.g. MNIST/raw/... (default: ${DATA_ENV}, else ./data, where "
+             "they are downloaded if missing)",
     )
+    parser.add_argument("--data", metavar="NAME_OR_PATH", help=data_help)
+    parser.add_argument("--plugin", metavar="MODULE_OR_FILE", action="append", default=[],
+                        help="import a module (a name or a .py file) that registers likelihoods, priors or networks "
+                             "(repeatable); a run records its plugins and loads them again")
+
+
+_RUN_DATA_HELP = ("where the run's data is now, if its file or folder moved (it must be the same data: its "
+                  "fingerprint is checked)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     _add_device(train)
-    _add_data_dir(train)
+    _add_data_dir(train, "the data: a torchvision name (mnist, fashion_mnist, ...), a folder of images or a "
+                         ".npy/.npz/.pt file (shorthand for --set data.dataset=...); with --resume, where the run's "
+                         "data is now")
 
     ev = commands.add_parser("evaluate", help="test ELBO and importance-sampled log-likelihood of a run",
                              description="Print the test ELBO and log-likelihood (nats per image) as JSON and save it in the run folder.")
@@ -123,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=_seed, default=0, help=f"seed of the importance samples (0 to {MAX_SEED}; default 0)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_device(ev)
-    _add_data_dir(ev)
+    _add_data_dir(ev, _RUN_DATA_HELP)
 
     ce = commands.add_parser(
         "compare-elbo", help="compare ELBO estimators on a run, or train once per estimator",
@@ -148,11 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("--num-samples", "-k", type=_integer(1), metavar="K",
                     help=f"with --train: importance samples of the final evaluation (default {_COMPARE_DEFAULTS['num_samples']})")
     ce.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_data_dir(ce)
+    _add_data_dir(ce, "with --train: the data (shorthand for --set data.dataset=...); with RUN_DIR: "
+                      + _RUN_DATA_HELP)
 
     plot = commands.add_parser("plot", help="write the figures of a run as PNG files", description="Reconstructions, prior samples, latent space, manifold (2-D z) and training curves, as PNG files in the run folder.")
     plot.add_argument("run_dir", metavar="RUN_DIR")
-    _add_data_dir(plot)
+    _add_data_dir(plot, _RUN_DATA_HELP)
     return parser
 
 
@@ -160,11 +173,13 @@ def _shorthands(args):
     return (
         ("train.epochs", args.epochs), ("train.seed", args.seed), ("data.train_limit", args.train_limit),
         ("model.likelihood", args.likelihood), ("model.prior", args.prior), ("objective.beta", args.beta),
+        ("data.dataset", args.data),
     )
 
 
 _SHORTHAND_FLAGS = {"train.epochs": "--epochs", "train.seed": "--seed", "data.train_limit": "--train-limit",
-                    "model.likelihood": "--likelihood", "model.prior": "--prior", "objective.beta": "--beta"}
+                    "model.likelihood": "--likelihood", "model.prior": "--prior", "objective.beta": "--beta",
+                    "data.dataset": "--data"}
 
 
 def _overrides(args, shorthands=None) -> dict:
@@ -205,10 +220,12 @@ def _train(args) -> int:
 def _train_on(runtime, args) -> int:
     checkpoint = None
     if args.resume:
-        if args.config or args.out or any(v is not None for k, v in _shorthands(args) if k != "train.epochs") or args.set:
-            raise ConfigError("--resume continues a run with its own config; only --epochs and --data-dir may be given with it")
+        if args.config or args.out or any(v is not None for k, v in _shorthands(args) if k not in ("train.epochs", "data.dataset")) or args.set:
+            raise ConfigError("--resume continues a run with its own config; only --epochs, --data, --data-dir and "
+                              "--plugin may be given with it")
         run_dir = Path(args.resume)
         checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME)
+        plugins = _load_run_plugins(checkpoint, args)
         config = from_dict(checkpoint["config"])
         if args.epochs is not None:
             if args.epochs <= checkpoint["epoch"]:
@@ -216,13 +233,16 @@ def _train_on(runtime, args) -> int:
                                   "give a larger total")
             config = resumed_config(config, args.epochs)
     else:
+        plugins = load_plugins(args.plugin)  # before the config: it may name what they register
         config = load_config(args.config, _overrides(args))
         run_dir = Path(args.out) if args.out else Path("runs") / (Path(args.config).stem if args.config else "default")
         if (run_dir / CHECKPOINT_NAME).exists():
             raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
-    splits = load_splits(config.data.dataset, args.data_dir, config.data.val_size, config.data.train_limit)
+    splits = _run_data(config, args, checkpoint)
+    check_data(config, splits)  # a mismatch is one line before a model is even built
     try:
-        result = fit(config, splits, run_dir, checkpoint=checkpoint, progress=not args.quiet, device=runtime.device)
+        result = fit(config, splits, run_dir, checkpoint=checkpoint, progress=not args.quiet, device=runtime.device,
+                     plugins=plugins)
     except RuntimeError as error:
         if not (runtime.distributed and is_communication_error(error)):
             raise
@@ -245,11 +265,33 @@ def _train_on(runtime, args) -> int:
     return 0
 
 
+def _load_run_plugins(checkpoint: dict, args) -> list[str]:
+    """Import the plugins a run recorded (or, if its files moved, the ``--plugin`` given instead)."""
+    return load_plugins(args.plugin or checkpoint.get("plugins", []))
+
+
+def _run_data(config, args, checkpoint: dict | None = None):
+    """The data of ``config``, read from ``--data`` / ``--data-dir`` where given; for an
+    existing run, checked to be the very data it trained on (its recorded fingerprint)."""
+    recorded = checkpoint.get("data") if checkpoint is not None else None
+    if recorded is not None and recorded.get("kind") == "tensors":
+        raise DataError("this run trained on tensors handed to fit() in Python, which no command can read again; "
+                        "evaluate, plot or resume it in Python (pyro_vae.evaluate, pyro_vae.fit), or train from a "
+                        "file or folder (--data)")
+    splits = load_data(config.data, args.data_dir, dataset=args.data)
+    if recorded is not None:
+        check_source(recorded, splits)
+    return splits
+
+
 def _trained_and_test(args):
-    """The run's VAE and the test images as it sees them (binarized once, seed 0, if binarized)."""
+    """The run's VAE and the test split as it sees them (binarized once, seed 0, if binarized),
+    on exactly the data the run trained on."""
+    checkpoint = load_checkpoint(Path(args.run_dir) / CHECKPOINT_NAME)
+    _load_run_plugins(checkpoint, args)
     vae = load_run(args.run_dir)
     config = vae.config
-    splits = load_splits(config.data.dataset, args.data_dir, config.data.val_size)
+    splits = _run_data(config, args, checkpoint)
     return vae, config, prepare(splits.test, config.data.binarize)
 
 
@@ -345,14 +387,17 @@ def _compare_elbo(args) -> int:
 
     _check_compare_elbo(args, parse_estimator)
     if args.train:
-        overrides = _overrides(args, [("train.epochs", args.epochs)])
+        plugins = load_plugins(args.plugin)  # before the config: it may name what they register
+        overrides = _overrides(args, [("train.epochs", args.epochs), ("data.dataset", args.data)])
         config = load_config(args.config, overrides)
         for spec in args.estimators:  # every variant must be a valid config before any trains
             name, k = parse_estimator(spec)
             config.replace(**{"objective.elbo": name, "objective.num_particles": k})
-        splits = load_splits(config.data.dataset, args.data_dir, config.data.val_size, config.data.train_limit)
+        splits = _run_data(config, args)
         out = Path(args.out)
-        records, histories = train_side_by_side(config, splits, out, args.estimators, args.num_samples, progress=not args.quiet)
+        check_data(config, splits)
+        records, histories = train_side_by_side(config, splits, out, args.estimators, args.num_samples,
+                                                progress=not args.quiet, plugins=plugins)
         _write_records(records, out / "training_comparison")
         plot_learning_curves(histories).savefig(out / "training_comparison.png", dpi=110)
         _print_table(records, ["estimator", "epochs", "test_elbo", "test_log_likelihood", "train_seconds"])
@@ -361,7 +406,7 @@ def _compare_elbo(args) -> int:
         raise ConfigError("compare-elbo needs RUN_DIR, or --train to train one run per estimator")
     vae, config, test = _trained_and_test(args)
     estimators = list(args.estimators)
-    if not vae.prior_net.has_closed_form_kl and any(parse_estimator(e)[0] == "analytic" for e in estimators):
+    if not has_closed_form_kl(vae.prior_net) and any(parse_estimator(e)[0] == "analytic" for e in estimators):
         estimators = [e for e in estimators if parse_estimator(e)[0] != "analytic"]
         if not estimators:
             raise ConfigError(f"--estimators: nothing left to compare without 'analytic' on prior {config.model.prior!r}")
@@ -383,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DataNotFoundError, CheckpointError, RunExistsError) as error:
+    except (ConfigError, DataError, DataNotFoundError, CheckpointError, RunExistsError) as error:
         print(f"pyro-vae: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingDiverged as error:

@@ -125,8 +125,10 @@ def compare_estimators(vae, images: torch.Tensor, estimators=DEFAULT_ESTIMATORS,
 
 
 def train_side_by_side(config, splits, out_dir, estimators=DEFAULT_ESTIMATORS, num_samples: int = 1000,
-                       progress: bool = False, seed: int = 0) -> tuple[list[dict], dict]:
+                       progress: bool = False, seed: int = 0, plugins=()) -> tuple[list[dict], dict]:
     """Train ``config`` once per estimator (same epochs and seed), then evaluate each.
+
+    ``plugins``: recorded with each run, as :func:`~pyro_vae.train.fit` does.
 
     Returns one record per estimator (final test log-likelihood and ELBO) and the training
     histories by estimator. Runs go to ``out_dir/<estimator>``; a finished one is reused.
@@ -140,7 +142,7 @@ def train_side_by_side(config, splits, out_dir, estimators=DEFAULT_ESTIMATORS, n
         variant = config.replace(**{"objective.elbo": name, "objective.num_particles": k})
         run_dir = Path(out_dir) / spec.replace(":", "_k")
         checkpoint = load_checkpoint(run_dir) if (run_dir / "checkpoint.pt").exists() else None
-        result = fit(variant, splits, run_dir=run_dir, checkpoint=checkpoint, progress=progress)
+        result = fit(variant, splits, run_dir=run_dir, checkpoint=checkpoint, progress=progress, plugins=plugins)
         scores = evaluate(result.vae, test, num_samples=num_samples, seed=seed)
         histories[spec] = result.history
         records.append({

@@ -29,14 +29,28 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
+    #: A torchvision dataset by name ("mnist", ...), a folder of image files, or an array file
+    #: (.npy, .npz, .pt); see :mod:`pyro_vae.data`.
     dataset: str = "mnist"
     #: "dynamic": a fresh Bernoulli draw of every pixel at every visit (Burda et al. 2015);
-    #: "static": one seeded draw; "none": grey values in [0, 1].
+    #: "static": one seeded draw; "none": the values as they are.
     binarize: str = "dynamic"
     #: Use only the first ``train_limit`` training images (0: all of them).
     train_limit: int = 0
-    #: The last ``val_size`` images of the official training set form the validation split.
+    #: Datasets with an official test split (torchvision): the last ``val_size`` images of
+    #: the official training set form the validation split.
     val_size: int = 10_000
+    #: Data without an official test split (folders, arrays): seeded random fractions of it
+    #: form the validation and test splits (``split_seed``), the rest trains.
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    split_seed: int = 0
+    #: Image files are resized to ``image_size`` x ``image_size`` pixels (0: keep their size,
+    #: which must then be the same for all).
+    image_size: int = 0
+    #: Real-valued data: subtract the training split's mean and divide by its standard
+    #: deviation, feature by feature (for the Gaussian and Laplace likelihoods).
+    standardize: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,14 +126,12 @@ _SECTION_CLASSES = {
 def _choices() -> dict[str, list[str]]:
     # Imported here: the registries live beside the code they name, and config must stay
     # importable without pulling in torchvision at module import.
-    from .data import DATASETS
     from .elbo import ELBOS
     from .likelihoods import LIKELIHOODS
     from .networks import ARCHITECTURES
     from .priors import PRIORS
 
     return {
-        "data.dataset": sorted(DATASETS),
         "data.binarize": ["dynamic", "none", "static"],
         "model.arch": sorted(ARCHITECTURES),
         "model.likelihood": sorted(LIKELIHOODS),
@@ -136,6 +148,10 @@ MAX_SEED = 2**32 - 1
 # (lower bound, whether the bound itself is allowed)
 _BOUNDS = {
     "data.train_limit": (0, True),
+    "data.val_fraction": (0.0, True),
+    "data.test_fraction": (0.0, True),
+    "data.split_seed": (0, True),
+    "data.image_size": (0, True),
     "data.val_size": (1, True),
     "model.z_dim": (1, True),
     "model.hidden_dim": (1, True),
@@ -154,6 +170,9 @@ _BOUNDS = {
 }
 # (upper bound, whether the bound itself is allowed)
 _UPPER_BOUNDS = {
+    "data.val_fraction": (1.0, False),  # fractions of the data; their sum is checked by data.check_dataset_config
+    "data.test_fraction": (1.0, False),
+    "data.split_seed": (MAX_SEED, True),  # seeds a torch.Generator
     "objective.beta_ramp": (1.0, True),  # a fraction of each cycle
     "train.lr_final_ratio": (1.0, True),  # the cosine schedule decays
     "train.seed": (MAX_SEED, True),
@@ -246,53 +265,74 @@ def validate(config: Config) -> None:
     for section, values in config.to_dict().items():
         for key, value in values.items():
             _check_value(f"{section}.{key}", value, choices)
-    from .data import NUM_TRAIN_IMAGES, check_split_sizes
+    from .data import check_dataset_config
+
+    check_dataset_config(config.data)  # the name or path, and split sizes the data can give
+    _check_components(config)
+
+
+def _check_components(config: Config) -> None:
+    """The parts the model names (built-in or registered, see :mod:`pyro_vae.components`):
+    their options, and what they need of the data and the objective."""
+    from .components import ComponentError, has_closed_form_kl, model_arguments, option_bounds, options_of
     from .likelihoods import LIKELIHOODS
+    from .networks import ARCHITECTURES
     from .priors import PRIORS
 
-    data = config.data
-    check_split_sizes(data.dataset, NUM_TRAIN_IMAGES[data.dataset], data.val_size, data.train_limit)
     model = config.model
-    if model.arch != "mlp" and model.num_layers != 1:  # the conv networks have a fixed depth
-        raise ConfigError(f"model.num_layers = {model.num_layers}: only model.arch = 'mlp' has a choice of depth; "
-                          f"with model.arch = {model.arch!r} leave it at 1")
+    deep = [name for name, classes in ARCHITECTURES.items()
+            if any("num_layers" in model_arguments(cls, "networks") for cls in classes)]
+    if model.num_layers != 1 and model.arch not in deep:  # e.g. the conv networks have a fixed depth
+        raise ConfigError(f"model.num_layers = {model.num_layers}: the networks of model.arch = {model.arch!r} have "
+                          f"a fixed depth; leave it at 1, or choose an architecture among {sorted(deep)}")
     likelihood, prior = LIKELIHOODS[model.likelihood], PRIORS[model.prior]
-    _check_options("model.likelihood_options", f"likelihood {model.likelihood!r}", likelihood, model.likelihood_options)
-    _check_options("model.prior_options", f"prior {model.prior!r}", prior, model.prior_options)
-    # Pyro's Bernoulli only accepts 0/1 observations; refusing here gives one clear line
-    # instead of a validation error deep inside the first SVI step.
-    if likelihood.accepts == "binary" and config.data.binarize == "none":
+    _check_options("model.likelihood_options", f"likelihood {model.likelihood!r}",
+                   options_of(likelihood, "likelihood"), option_bounds(likelihood), model.likelihood_options)
+    _check_options("model.prior_options", f"prior {model.prior!r}",
+                   options_of(prior, "prior"), option_bounds(prior), model.prior_options)
+    # Pyro's Bernoulli only accepts 0/1 observations, and the torchvision datasets are grey:
+    # refusing here gives one clear line before anything is read. Data of one's own may be
+    # binary already; its values are checked when it is read (pyro_vae.train.check_data).
+    from .data import DATASETS
+
+    if likelihood.accepts == "binary" and config.data.binarize == "none" and config.data.dataset in DATASETS:
         raise ConfigError(
-            f"model.likelihood = {model.likelihood!r} needs binary pixels but "
-            "data.binarize = 'none' gives grey values; set data.binarize to 'dynamic' or "
+            f"model.likelihood = {model.likelihood!r} needs binary values but "
+            "data.binarize = 'none' gives the values as they are; set data.binarize to 'dynamic' or "
             "'static', or choose a likelihood for grey data such as 'continuous_bernoulli'"
         )
-    if config.objective.elbo == "analytic" and not prior.has_closed_form_kl:
-        closed = sorted(name for name, cls in PRIORS.items() if cls.has_closed_form_kl)
+
+    def closed(cls) -> bool:
+        try:
+            return has_closed_form_kl(cls)
+        except ComponentError:  # a registered prior that cannot be built is not one to suggest
+            return False
+
+    def _has_closed_form_kl(cls, name: str) -> bool:
+        try:
+            return has_closed_form_kl(cls)
+        except ComponentError as error:
+            raise ConfigError(f"model.prior = {name!r}: {error}") from None
+
+    if config.objective.elbo == "analytic" and not _has_closed_form_kl(prior, model.prior):
+        suggestions = sorted(name for name, cls in PRIORS.items() if closed(cls))
         raise ConfigError(
             f"objective.elbo = 'analytic' needs a closed-form KL, which model.prior = "
-            f"{model.prior!r} lacks; use objective.elbo = 'mc', or a prior among {closed}"
+            f"{model.prior!r} lacks; use objective.elbo = 'mc', or a prior among {suggestions}"
         )
 
 
-# constructor arguments that come from the model, not from the user's options
-_NOT_OPTIONS = {"self", "image_shape", "z_dim", "encoder"}
-
-
-def _check_options(key: str, owner: str, cls, options: dict) -> None:
-    """Options must be keyword arguments of ``cls`` with the type of their default, in range."""
-    import inspect
-
-    parameters = {
-        name: p.default for name, p in inspect.signature(cls.__init__).parameters.items() if name not in _NOT_OPTIONS
-    }
+def _check_options(key: str, owner: str, defaults: dict, bounds: dict, options: dict) -> None:
+    """Options must be keyword arguments of the ``owner``'s constructor (``defaults``: option ->
+    default), with the type of their default, and within ``bounds`` (option -> (lower bound,
+    inclusive))."""
     for name, value in options.items():
-        if name not in parameters:
-            allowed = sorted(parameters) or "none"
+        if name not in defaults:
+            allowed = sorted(defaults) or "none"
             raise ConfigError(f"{key}.{name}: not an option of {owner}; its options are {allowed}")
-        _check_type(f"{key}.{name}", value, type(parameters[name]))
-        if name in cls.option_bounds:
-            _check_bound(f"{key}.{name}", value, *cls.option_bounds[name])
+        _check_type(f"{key}.{name}", value, type(defaults[name]))
+        if name in bounds:
+            _check_bound(f"{key}.{name}", value, *bounds[name])
 
 
 def parse_override(text: str) -> tuple[str, object]:

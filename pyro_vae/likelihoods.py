@@ -1,17 +1,20 @@
-"""Likelihood heads p(x|z): decoder features in, a Pyro distribution over one image out.
+"""Likelihood heads p(x|z): decoder features in, a Pyro distribution over one datum out.
 
-Each head is an ``nn.Module`` whose ``forward(features)`` takes the decoder's output of shape
-``(..., C, H, W)`` and returns a distribution whose event is the whole image, so
-``log_prob`` gives one number per image, with every normalizing constant included: numbers
+A datum is an image ``(C, H, W)`` or a vector ``(D,)``; ``image_shape`` is its shape. Each
+head is an ``nn.Module`` whose ``forward(features)`` takes the decoder's output of shape
+``(..., *image_shape)`` and returns a distribution whose event is the whole datum, so
+``log_prob`` gives one number per datum, with every normalizing constant included: numbers
 from different likelihoods on the same data are comparable. ``accepts`` names the data the
-head is defined on; configs are checked against it before anything trains:
+head is defined on; configs and data are checked against it before anything trains:
 
-- ``"binary"``: pixels in {0, 1} (binarized data);
-- ``"unit_interval"``: pixels in [0, 1] (grey or binary);
-- ``"real"``: any real pixel values.
+- ``"binary"``: values in {0, 1} (binarized data);
+- ``"unit_interval"``: values in [0, 1] (grey or binary);
+- ``"real"``: any real values.
 
 Options (``model.likelihood_options`` in a config) are the keyword arguments of a head's
-constructor; ``option_bounds`` states the allowed range of the numeric ones.
+constructor other than ``image_shape``; ``option_bounds`` states the allowed range of the
+numeric ones. A head of one's own is added with :func:`pyro_vae.register_likelihood`, whose
+docstring is the contract.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-#: The image (C, H, W) is one event.
+#: Event dimensions of an image (C, H, W). The heads here take theirs from ``image_shape``
+#: (one for vectors); this constant remains for code written for images only.
 IMAGE_EVENT_DIM = 3
 
 
@@ -45,16 +49,20 @@ class BernoulliLogits(dist.Bernoulli):
 
 
 class Bernoulli(nn.Module):
-    """Independent Bernoulli pixels parametrized by logits (stable for saturated pixels)."""
+    """Independent Bernoulli values parametrized by logits (stable for saturated logits).
+
+    :param image_shape: the shape of one datum: ``(C, H, W)`` or ``(D,)``.
+    """
 
     accepts = "binary"
     option_bounds: dict = {}
 
-    def __init__(self, image_shape=None):
+    def __init__(self, image_shape):
         super().__init__()
+        self.event_dim = len(image_shape)
 
     def forward(self, logits):
-        return BernoulliLogits(logits=logits).to_event(IMAGE_EVENT_DIM)
+        return BernoulliLogits(logits=logits).to_event(self.event_dim)
 
 
 class ContinuousBernoulli(nn.Module):
@@ -70,11 +78,12 @@ class ContinuousBernoulli(nn.Module):
     accepts = "unit_interval"
     option_bounds: dict = {}
 
-    def __init__(self, image_shape=None):
+    def __init__(self, image_shape):
         super().__init__()
+        self.event_dim = len(image_shape)
 
     def forward(self, logits):
-        return dist.ContinuousBernoulli(logits=logits).to_event(IMAGE_EVENT_DIM)
+        return dist.ContinuousBernoulli(logits=logits).to_event(self.event_dim)
 
 
 def _scale_parameter(image_shape, per_pixel: bool, init_scale: float, min_scale: float) -> nn.Parameter:
@@ -86,7 +95,7 @@ def _scale_parameter(image_shape, per_pixel: bool, init_scale: float, min_scale:
 
 class _LocationScale(nn.Module):
     """Shared code of the Gaussian and Laplace heads: the decoder gives the location; the
-    scale is fixed, or learned (one value, or one per pixel when ``per_pixel``)."""
+    scale is fixed, or learned (one value, or one per pixel or vector entry when ``per_pixel``)."""
 
     accepts = "real"
     family = None
@@ -94,6 +103,7 @@ class _LocationScale(nn.Module):
 
     def __init__(self, image_shape, scale: float, learned: bool, per_pixel: bool = False, min_scale: float = 1e-3):
         super().__init__()
+        self.event_dim = len(image_shape)
         self.learned = learned
         self.min_scale = min_scale
         if learned:
@@ -109,15 +119,16 @@ class _LocationScale(nn.Module):
         return self.fixed_scale
 
     def forward(self, loc):
-        return self.family(loc, self.scale().expand_as(loc)).to_event(IMAGE_EVENT_DIM)
+        return self.family(loc, self.scale().expand_as(loc)).to_event(self.event_dim)
 
 
 class Gaussian(_LocationScale):
     """Gaussian pixels N(x; decoder(z), scale^2) with a fixed ``scale`` (default 0.1)."""
 
     family = dist.Normal
+    option_bounds = {"scale": (0.0, False)}
 
-    def __init__(self, image_shape=None, scale: float = 0.1):
+    def __init__(self, image_shape, scale: float = 0.1):
         super().__init__(image_shape, scale, learned=False)
 
 
@@ -127,7 +138,7 @@ class GaussianLearned(_LocationScale):
 
     family = dist.Normal
 
-    def __init__(self, image_shape=None, scale: float = 0.1, per_pixel: bool = False, min_scale: float = 1e-3):
+    def __init__(self, image_shape, scale: float = 0.1, per_pixel: bool = False, min_scale: float = 1e-3):
         super().__init__(image_shape, scale, learned=True, per_pixel=per_pixel, min_scale=min_scale)
 
 
@@ -137,11 +148,12 @@ class Laplace(_LocationScale):
 
     family = dist.Laplace
 
-    def __init__(self, image_shape=None, scale: float = 0.1, learned: bool = False, per_pixel: bool = False,
+    def __init__(self, image_shape, scale: float = 0.1, learned: bool = False, per_pixel: bool = False,
                  min_scale: float = 1e-3):
         super().__init__(image_shape, scale, learned=learned, per_pixel=per_pixel, min_scale=min_scale)
 
 
+#: likelihood name -> class; add one with :func:`pyro_vae.register_likelihood`.
 LIKELIHOODS = {
     "bernoulli": Bernoulli,
     "continuous_bernoulli": ContinuousBernoulli,
@@ -152,7 +164,10 @@ LIKELIHOODS = {
 
 
 def make_likelihood(name: str, image_shape=None, **options) -> nn.Module:
-    """The likelihood head ``name`` for images of ``image_shape``, with its ``options``."""
+    """The likelihood head ``name`` for data of ``image_shape`` (``(C, H, W)`` or ``(D,)``),
+    with its ``options``."""
     if name not in LIKELIHOODS:
         raise ValueError(f"unknown likelihood {name!r}; choose one of {sorted(LIKELIHOODS)}")
-    return LIKELIHOODS[name](image_shape, **options)
+    if image_shape is None:
+        raise ValueError(f"likelihood {name!r} needs image_shape, the shape of one datum: (C, H, W) or (D,)")
+    return LIKELIHOODS[name](image_shape=tuple(image_shape), **options)

@@ -11,6 +11,7 @@ References:
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import pyro
 import pyro.distributions as dist
@@ -18,6 +19,7 @@ import torch
 from pyro import poutine
 from torch import nn
 
+from .config import ConfigError
 from .likelihoods import make_likelihood
 from .networks import make_networks
 from .priors import make_prior
@@ -52,28 +54,52 @@ def latent_weight(beta: float):
     return site_weight(beta)
 
 
+#: Numbers the default names of VAEs, in creation order: "vae", "vae_1", "vae_2", ...
+_instances = itertools.count()
+
+
+def _default_name() -> str:
+    number = next(_instances)
+    return "vae" if number == 0 else f"vae_{number}"
+
+
 class VAE(nn.Module):
     """A variational autoencoder with an amortized diagonal Gaussian guide.
 
-    :param encoder: module mapping ``x`` of shape ``(B, C, H, W)`` to ``(z_loc, z_scale)``,
-        each ``(B, z_dim)``.
-    :param decoder: module mapping ``z`` of shape ``(..., z_dim)`` to features ``(..., C, H, W)``.
-    :param likelihood: module mapping decoder features to p(x|z), one event per image.
-    :param prior: module whose ``forward()`` returns p(z) with event shape ``(z_dim,)``.
+    A datum is an image ``(C, H, W)`` or a vector ``(D,)``: ``image_shape`` below. The four
+    parts are any modules meeting these contracts (those of
+    :func:`pyro_vae.register_networks`, :func:`~pyro_vae.register_likelihood` and
+    :func:`~pyro_vae.register_prior`; they need not be registered to be used here):
+
+    :param encoder: maps ``x`` of shape ``(B, *image_shape)`` to ``(z_loc, z_scale)``, each
+        ``(B, z_dim)``, ``z_scale > 0``.
+    :param decoder: maps ``z`` of shape ``(..., z_dim)`` to features ``(..., *image_shape)``.
+    :param likelihood: maps decoder features to p(x|z), a distribution whose event is one datum.
+        A class attribute ``accepts`` (``"binary"``, ``"unit_interval"``, ``"real"``) lets
+        :func:`pyro_vae.fit` check the data's range; without it the data is taken as it is.
+    :param prior: ``forward()`` returns p(z), event shape ``(z_dim,)``, no batch shape. A
+        VampPrior is built from the encoder: ``VampPrior(z_dim, encoder=encoder,
+        image_shape=image_shape, data_domain=likelihood.accepts)``.
+    :param name: prefix of the names under which ``model`` and ``guide`` register the parts in
+        Pyro's param store (``"{name}.encoder"``, ...), so that VAEs of different names share
+        one store without sharing parameters. Default: ``"vae"``, then ``"vae_1"``,
+        ``"vae_2"``, ... in creation order (two VAEs given the same name share parameters).
 
     ``model(x)`` and ``guide(x)`` register their parameters with ``pyro.module``, so they
-    work with Pyro's ``SVI`` and ``pyro.optim`` as they are (call ``pyro.clear_param_store()``
-    before training a second VAE that way: the store is keyed by name). :func:`pyro_vae.fit`
-    uses ``model_body`` / ``guide_body``, the same programs without the registration, and
-    optimizes ``self.parameters()`` with a torch optimizer.
+    work with Pyro's ``SVI`` and ``pyro.optim`` as they are, on any tensor of data of shape
+    ``(B, *image_shape)``. :func:`pyro_vae.fit` uses ``model_body`` / ``guide_body``, the same
+    programs without the registration, and optimizes ``self.parameters()`` with a torch
+    optimizer. :meth:`check_shapes` checks the parts against each other on a datum of zeros.
     """
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: nn.Module, prior: nn.Module):
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: nn.Module, prior: nn.Module, *,
+                 name: str | None = None):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
         self.likelihood = likelihood
         self.prior_net = prior
+        self.name = _default_name() if name is None else name
 
     def prior(self) -> dist.TorchDistribution:
         """p(z): event shape ``(z_dim,)``."""
@@ -85,23 +111,23 @@ class VAE(nn.Module):
         return dist.Normal(z_loc, z_scale).to_event(1)
 
     def decode(self, z: torch.Tensor) -> dist.TorchDistribution:
-        """p(x|z) for ``z`` of shape ``(..., z_dim)``: batch shape ``(...)``, one image per event."""
+        """p(x|z) for ``z`` of shape ``(..., z_dim)``: batch shape ``(...)``, one datum per event."""
         return self.likelihood(self.decoder(z))
 
     def model(self, x: torch.Tensor, beta: float = 1.0, reconstruction_weight: float = 1.0) -> torch.Tensor:
-        """p(z) p(x|z) for a batch ``x`` of shape ``(B, C, H, W)``.
+        """p(z) p(x|z) for a batch ``x`` of shape ``(B, *image_shape)``.
 
         ``beta`` weights the latent site (the KL term), ``reconstruction_weight`` the observed
         one (log p(x|z)); both are 1 for the ELBO itself.
         """
-        pyro.module("decoder", self.decoder)
-        pyro.module("likelihood", self.likelihood)
-        pyro.module("prior", self.prior_net)
+        pyro.module(f"{self.name}.decoder", self.decoder)
+        pyro.module(f"{self.name}.likelihood", self.likelihood)
+        pyro.module(f"{self.name}.prior", self.prior_net)
         return self.model_body(x, beta, reconstruction_weight)
 
     def guide(self, x: torch.Tensor, beta: float = 1.0, reconstruction_weight: float = 1.0) -> torch.Tensor:
-        """q(z|x) for a batch ``x`` of shape ``(B, C, H, W)``; the same arguments as the model."""
-        pyro.module("encoder", self.encoder)
+        """q(z|x) for a batch ``x`` of shape ``(B, *image_shape)``; the same arguments as the model."""
+        pyro.module(f"{self.name}.encoder", self.encoder)
         return self.guide_body(x, beta)
 
     # The bodies without the pyro.module registration. fit() steps self.parameters() with a
@@ -129,17 +155,95 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def sample_images(self, num_samples: int) -> torch.Tensor:
-        """Means of p(x|z) for ``z`` drawn from the prior: ``(num_samples, C, H, W)``."""
+        """Means of p(x|z) for ``z`` drawn from the prior: ``(num_samples, *image_shape)``."""
         z = self.prior().sample((num_samples,))
         return self.decode(z).mean
 
+    @torch.no_grad()
+    def check_shapes(self, image_shape, z_dim: int | None = None, labels: dict[str, str] | None = None) -> None:
+        """Check the parts against their contracts on a batch of two data of zeros.
 
-def build_vae(model_config, image_shape) -> VAE:
-    """A :class:`VAE` from a :class:`pyro_vae.config.ModelConfig` and the data's image shape."""
+        The encoder must return ``(z_loc, z_scale)``, each ``(B, z_dim)``, ``z_scale > 0``; the
+        decoder features ``(..., *image_shape)`` for ``z`` of shape ``(..., z_dim)``; the
+        likelihood a distribution with event shape ``image_shape`` and batch shape ``(...)``;
+        the prior one with event shape ``(z_dim,)`` and no batch shape. Modules run in eval
+        mode (restored after) and with a private random stream, so the check changes nothing.
+
+        :param image_shape: the shape of one datum: ``(C, H, W)`` or ``(D,)``.
+        :param z_dim: the expected latent size; ``None``: the encoder's output gives it.
+        :param labels: how to name a part in the message, e.g. ``{"encoder": "model.arch = 'mlp'"}``.
+        :raises ConfigError: one line naming the part and the shapes expected and got.
+        """
+        image_shape, labels = tuple(image_shape), labels or {}
+
+        def fail(part: str, message: str):
+            module = getattr(self, "prior_net" if part == "prior" else part)
+            label = f" ({labels[part]})" if part in labels else ""
+            raise ConfigError(f"{part} {type(module).__qualname__}{label}: {message}")
+
+        tensors = [t for t in (*self.parameters(), *self.buffers()) if t.is_floating_point()]
+        like = tensors[0] if tensors else torch.zeros(())
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()  # dropout or batch norm would draw noise or update statistics
+        try:
+            with torch.random.fork_rng(devices=[like.device] if like.is_cuda else []):
+                x = torch.zeros(2, *image_shape, dtype=like.dtype, device=like.device)
+                out = self.encoder(x)
+                if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(torch.is_tensor(t) for t in out)):
+                    fail("encoder", f"for x of shape {tuple(x.shape)} it returned {type(out).__name__}; "
+                                    "expected a pair of tensors (z_loc, z_scale)")
+                z_loc, z_scale = out
+                z_dim = z_loc.shape[-1] if z_dim is None and z_loc.dim() == 2 else z_dim
+                for tensor, what in ((z_loc, "z_loc"), (z_scale, "z_scale")):
+                    if z_dim is None or tuple(tensor.shape) != (2, z_dim):
+                        fail("encoder", f"for x of shape {tuple(x.shape)} it returned {what} of shape "
+                                        f"{tuple(tensor.shape)}; expected (2, z_dim = {z_dim if z_dim else 'z_dim'})")
+                if not bool((z_scale > 0).all()):
+                    fail("encoder", "returned a z_scale that is not > 0 (a standard deviation, not its logarithm)")
+                z = z_loc.expand(3, 2, z_dim)  # a leading sample dimension, as importance sampling adds
+                features = self.decoder(z)
+                if not torch.is_tensor(features) or tuple(features.shape) != (3, 2, *image_shape):
+                    got = tuple(features.shape) if torch.is_tensor(features) else type(features).__name__
+                    fail("decoder", f"for z of shape (3, 2, {z_dim}) it returned {got}; "
+                                    f"expected (3, 2, *image_shape) = {(3, 2, *image_shape)}")
+                p_x = self.likelihood(features)
+                if not isinstance(p_x, torch.distributions.Distribution):
+                    fail("likelihood", f"returned {type(p_x).__name__}; expected a pyro.distributions distribution")
+                if tuple(p_x.event_shape) != image_shape or tuple(p_x.batch_shape) != (3, 2):
+                    fail("likelihood", f"for features of shape {(3, 2, *image_shape)} it returned a distribution with "
+                                       f"batch shape {tuple(p_x.batch_shape)} and event shape {tuple(p_x.event_shape)}; "
+                                       f"expected (3, 2) and image_shape = {image_shape} "
+                                       f"(.to_event({len(image_shape)}))")
+                p_z = self.prior()
+                if not isinstance(p_z, torch.distributions.Distribution):
+                    fail("prior", f"returned {type(p_z).__name__}; expected a pyro.distributions distribution")
+                if tuple(p_z.event_shape) != (z_dim,) or tuple(p_z.batch_shape) != ():
+                    fail("prior", f"returned a distribution with batch shape {tuple(p_z.batch_shape)} and event shape "
+                                  f"{tuple(p_z.event_shape)}; expected () and (z_dim,) = ({z_dim},)")
+        finally:
+            for module, training in modes:
+                module.training = training
+
+
+def build_vae(model_config, image_shape, name: str | None = None) -> VAE:
+    """A :class:`VAE` from a :class:`pyro_vae.config.ModelConfig` and the shape of one datum.
+
+    :param model_config: names the parts (built-in or registered) and their options.
+    :param image_shape: the shape of one datum: ``(C, H, W)`` or ``(D,)``.
+    :param name: the VAE's name in Pyro's param store (see :class:`VAE`).
+    :raises ConfigError: the parts do not fit the data or each other (one line; checked once
+        on a datum of zeros, see :meth:`VAE.check_shapes`).
+    """
+    image_shape = tuple(image_shape)
     encoder, decoder = make_networks(
         model_config.arch, image_shape, model_config.z_dim, model_config.hidden_dim, model_config.num_layers
     )
     likelihood = make_likelihood(model_config.likelihood, image_shape, **model_config.likelihood_options)
-    prior = make_prior(model_config.prior, model_config.z_dim, encoder=encoder, image_shape=tuple(image_shape),
-                       **model_config.prior_options)
-    return VAE(encoder, decoder, likelihood, prior)
+    prior = make_prior(model_config.prior, model_config.z_dim, encoder=encoder, image_shape=image_shape,
+                       data_domain=likelihood.accepts, **model_config.prior_options)
+    vae = VAE(encoder, decoder, likelihood, prior, name=name)
+    vae.check_shapes(image_shape, model_config.z_dim, labels={
+        "encoder": f"model.arch = {model_config.arch!r}", "decoder": f"model.arch = {model_config.arch!r}",
+        "likelihood": f"model.likelihood = {model_config.likelihood!r}", "prior": f"model.prior = {model_config.prior!r}",
+    })
+    return vae

@@ -1,9 +1,15 @@
 """Encoder and decoder bodies: plain torch, no Pyro.
 
-An encoder maps images ``(B, C, H, W)`` to the parameters ``(z_loc, z_scale)`` of a diagonal
-Gaussian q(z|x), each ``(B, z_dim)``. A decoder maps ``z`` of shape ``(..., z_dim)`` to
-per-pixel features ``(..., C, H, W)`` that a likelihood head turns into p(x|z) (for the
-Bernoulli likelihood they are logits). Image sizes come from the data, never from literals.
+A datum is an image ``(C, H, W)`` or a vector ``(D,)``: ``image_shape`` is the shape of one
+datum, whichever it is. An encoder maps data ``(B, *image_shape)`` to the parameters
+``(z_loc, z_scale)`` of a diagonal Gaussian q(z|x), each ``(B, z_dim)``. A decoder maps ``z``
+of shape ``(..., z_dim)`` to features ``(..., *image_shape)`` that a likelihood head turns into
+p(x|z) (for the Bernoulli likelihood they are logits). Sizes come from the data, never from
+literals. The MLP networks take either kind of datum; the conv networks take images of any
+size (at least 4 x 4 pixels) and channel count.
+
+Networks of one's own are added with :func:`pyro_vae.register_networks`, which states the
+contract they must meet.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import math
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from .config import ConfigError
 
 
 def _mlp(sizes: list[int]) -> nn.Sequential:
@@ -29,19 +37,29 @@ def _positive(raw: torch.Tensor) -> torch.Tensor:
 
 
 class MLPEncoder(nn.Module):
+    """``num_layers`` dense layers of ``hidden_dim`` on the flattened datum.
+
+    :param image_shape: the shape of one datum: ``(C, H, W)`` or ``(D,)``.
+    """
+
     def __init__(self, image_shape: tuple[int, ...], z_dim: int, hidden_dim: int, num_layers: int = 1):
         super().__init__()
-        x_dim = math.prod(image_shape)
-        self.body = _mlp([x_dim] + [hidden_dim] * num_layers)
+        self.datum_dims = len(image_shape)
+        self.body = _mlp([math.prod(image_shape)] + [hidden_dim] * num_layers)
         self.loc = nn.Linear(hidden_dim, z_dim)
         self.scale = nn.Linear(hidden_dim, z_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.body(x.flatten(-3))
+        hidden = self.body(x.flatten(-self.datum_dims))
         return self.loc(hidden), _positive(self.scale(hidden))
 
 
 class MLPDecoder(nn.Module):
+    """Mirror of :class:`MLPEncoder`.
+
+    :param image_shape: the shape of one datum: ``(C, H, W)`` or ``(D,)``.
+    """
+
     def __init__(self, image_shape: tuple[int, ...], z_dim: int, hidden_dim: int, num_layers: int = 1):
         super().__init__()
         self.image_shape = tuple(image_shape)
@@ -52,11 +70,31 @@ class MLPDecoder(nn.Module):
         return self.out(self.body(z)).unflatten(-1, self.image_shape)
 
 
-class ConvEncoder(nn.Module):
-    """Two stride-2 convolutions (32, 64 channels), then a dense layer of ``hidden_dim``."""
+#: Two stride-2 convolutions (kernel 4, padding 1) need at least this many pixels a side.
+CONV_MIN_SIZE = 4
 
-    def __init__(self, image_shape: tuple[int, ...], z_dim: int, hidden_dim: int, num_layers: int = 1):
+
+def _check_images(image_shape) -> None:
+    """The conv networks need images (C, H, W) of at least 4 x 4 pixels: one line otherwise."""
+    shape = tuple(image_shape)
+    if len(shape) != 3:
+        raise ConfigError(f"model.arch = 'conv' needs images (C, H, W); this data is vectors of shape {shape}: "
+                          "use model.arch = 'mlp'")
+    if min(shape[1:]) < CONV_MIN_SIZE:
+        raise ConfigError(f"model.arch = 'conv' needs images of at least {CONV_MIN_SIZE} x {CONV_MIN_SIZE} pixels; "
+                          f"this data is {shape}: use model.arch = 'mlp' (or data.image_size)")
+
+
+class ConvEncoder(nn.Module):
+    """Two stride-2 convolutions (32, 64 channels), then a dense layer of ``hidden_dim``.
+
+    :param image_shape: ``(C, H, W)``, any channel count and size of at least 4 x 4; vector data
+        is refused with :class:`~pyro_vae.config.ConfigError`.
+    """
+
+    def __init__(self, image_shape: tuple[int, ...], z_dim: int, hidden_dim: int):
         super().__init__()
+        _check_images(image_shape)
         channels = image_shape[0]
         self.conv = nn.Sequential(
             nn.Conv2d(channels, 32, 4, stride=2, padding=1), nn.ReLU(),
@@ -77,8 +115,9 @@ class ConvEncoder(nn.Module):
 class ConvDecoder(nn.Module):
     """Mirror of :class:`ConvEncoder`: dense, then two stride-2 transposed convolutions."""
 
-    def __init__(self, image_shape: tuple[int, ...], z_dim: int, hidden_dim: int, num_layers: int = 1):
+    def __init__(self, image_shape: tuple[int, ...], z_dim: int, hidden_dim: int):
         super().__init__()
+        _check_images(image_shape)
         channels, height, width = image_shape
         # Each transposed convolution doubles the size; start at ceil(size / 4), crop at the end.
         self.start = (64, -(-height // 4), -(-width // 4))
@@ -99,7 +138,7 @@ class ConvDecoder(nn.Module):
         return out.reshape(*batch_shape, *self.image_shape)
 
 
-#: architecture name -> (encoder class, decoder class)
+#: architecture name -> (encoder class, decoder class); add one with :func:`pyro_vae.register_networks`.
 ARCHITECTURES = {
     "mlp": (MLPEncoder, MLPDecoder),
     "conv": (ConvEncoder, ConvDecoder),
@@ -107,9 +146,14 @@ ARCHITECTURES = {
 
 
 def make_networks(arch: str, image_shape, z_dim: int, hidden_dim: int, num_layers: int = 1):
-    """Build ``(encoder, decoder)`` for the named architecture."""
+    """Build ``(encoder, decoder)`` for the named architecture.
+
+    Each constructor gets, by name, those of ``image_shape``, ``z_dim``, ``hidden_dim`` and
+    ``num_layers`` that it takes (the conv networks have a fixed depth: no ``num_layers``).
+    """
+    from .components import model_arguments
+
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
-    encoder_cls, decoder_cls = ARCHITECTURES[arch]
-    args = (tuple(image_shape), z_dim, hidden_dim, num_layers)
-    return encoder_cls(*args), decoder_cls(*args)
+    given = {"image_shape": tuple(image_shape), "z_dim": z_dim, "hidden_dim": hidden_dim, "num_layers": num_layers}
+    return tuple(cls(**{k: given[k] for k in model_arguments(cls, "networks")}) for cls in ARCHITECTURES[arch])

@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
+from matplotlib import colormaps
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from .seeding import seeded
 
-#: Digit classes get distinct, ordered colours.
-_CMAP = "tab10"
+#: Colours of classes: up to 10 or 20 classes get distinct qualitative colours; more classes
+#: get evenly spaced colours of a perceptually ordered map (neighbours look alike, but any two
+#: classes far apart in label order stay distinguishable).
+_QUALITATIVE = (("tab10", 10), ("tab20", 20))
+_MANY_CLASSES = "turbo"
+#: Up to this many classes, a colorbar with one tick per class stays readable.
+MAX_LABELLED_CLASSES = 20
 
 
 def _tile(images: torch.Tensor, ncol: int) -> torch.Tensor:
@@ -62,13 +70,69 @@ def plot_reconstructions(inputs: torch.Tensor, reconstructions: torch.Tensor) ->
     return fig
 
 
-def plot_latent_scatter(points: torch.Tensor, labels: torch.Tensor, title: str, axis_labels=("z1", "z2")) -> Figure:
-    """Latent codes ``(N, 2)`` coloured by class label ``(N,)``."""
+def plot_vector_reconstructions(inputs: torch.Tensor, reconstructions: torch.Tensor, ncol: int = 3) -> Figure:
+    """Vector data ``(N, D)``: each datum (solid) and its reconstruction (dashed) against the
+    feature index, one small panel each; the picture images get as a grid."""
+    n = len(inputs)
+    nrow = math.ceil(n / ncol)
+    fig = Figure(figsize=(3.2 * ncol, 2.0 * nrow), layout="constrained")
+    axes = fig.subplots(nrow, ncol, squeeze=False, sharex=True)
+    features = np.arange(inputs.shape[-1])
+    for i, ax in enumerate(axes.flat):
+        if i >= n:
+            ax.set_axis_off()
+            continue
+        ax.plot(features, inputs[i].cpu().numpy(), "-o", markersize=2, label="datum")
+        ax.plot(features, reconstructions[i].cpu().numpy(), "--", label="reconstruction")
+    axes.flat[0].legend(fontsize="small")
+    fig.supxlabel("feature")
+    fig.suptitle("test data (solid) and the mean of p(x|z) at z = E[z|x] (dashed)")
+    return fig
+
+
+def plot_vector_samples(samples: torch.Tensor, title: str = "") -> Figure:
+    """Vector samples ``(N, D)`` as a heat map: one row per sample, one column per feature."""
+    fig = Figure(figsize=(max(4.0, 0.35 * samples.shape[-1] + 2), 5), layout="constrained")
+    ax = fig.subplots()
+    shown = ax.imshow(samples.cpu().numpy(), aspect="auto", cmap="coolwarm", interpolation="nearest")
+    fig.colorbar(shown, ax=ax)
+    ax.set(xlabel="feature", ylabel="sample", title=title)
+    return fig
+
+
+def _class_colormap(num_classes: int) -> ListedColormap:
+    """``num_classes`` colours, one per class index."""
+    for name, size in _QUALITATIVE:
+        if num_classes <= size:
+            return ListedColormap(colormaps[name].colors[:num_classes])
+    return ListedColormap(colormaps[_MANY_CLASSES](np.linspace(0, 1, num_classes)))
+
+
+def plot_latent_scatter(points: torch.Tensor, labels: torch.Tensor | None, title: str, axis_labels=("z1", "z2"),
+                        class_names=None) -> Figure:
+    """Latent codes ``(N, 2)``, coloured by class label ``(N,)`` when there are labels.
+
+    Any number of classes, with any integer labels: colours go by the rank of a label among
+    the labels present. A colorbar names the classes (``class_names[label]`` where given, else
+    the label) when there are at most :data:`MAX_LABELLED_CLASSES`; beyond that it would be
+    unreadable, and the title gives the number of classes instead. ``labels=None``: one colour.
+    """
     fig = Figure(figsize=(6, 5.2), layout="constrained")
     ax = fig.add_subplot()
-    points, labels = points.detach().cpu(), labels.cpu()
-    scatter = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap=_CMAP, s=3, alpha=0.7, vmin=-0.5, vmax=9.5)
-    fig.colorbar(scatter, ax=ax, ticks=range(10), label="label")
+    points = points.detach().cpu()
+    if labels is None:
+        ax.scatter(points[:, 0], points[:, 1], s=3, alpha=0.7, color="C0")
+    else:
+        present, index = torch.unique(labels.cpu(), return_inverse=True)
+        k = len(present)
+        scatter = ax.scatter(points[:, 0], points[:, 1], c=index, cmap=_class_colormap(k), s=3, alpha=0.7,
+                             vmin=-0.5, vmax=k - 0.5)
+        if k <= MAX_LABELLED_CLASSES:
+            colorbar = fig.colorbar(scatter, ax=ax, ticks=range(k), label="label")
+            names = present.tolist() if class_names is None else [class_names[i] for i in present.tolist()]
+            colorbar.set_ticklabels([str(name) for name in names])
+        else:
+            title = f"{title} (colour: {k} classes)"
     ax.set_xlabel(axis_labels[0])
     ax.set_ylabel(axis_labels[1])
     ax.set_title(title)
@@ -104,10 +168,12 @@ def principal_components(z: torch.Tensor, k: int = 2) -> tuple[torch.Tensor, tor
 
 
 @torch.no_grad()
-def make_figures(vae, images: torch.Tensor, labels: torch.Tensor, history: list[dict], seed: int = 0) -> dict[str, Figure]:
+def make_figures(vae, images: torch.Tensor, labels: torch.Tensor | None, history: list[dict],
+                 seed: int = 0) -> dict[str, Figure]:
     """All figures of a run, by file stem: reconstructions, samples, latent space, manifold
-    (when z is 2-D) and training curves. ``images`` are held-out images as the model sees them,
-    on ``vae``'s device.
+    (when z is 2-D and the data are images) and training curves. ``images`` are held-out data
+    as the model sees them, ``(N, C, H, W)`` or vectors ``(N, D)``, on ``vae``'s device;
+    ``labels`` ``(N,)`` colour the latent space (``None``: no labels).
 
     The samples are drawn from torch's generators seeded with ``seed`` inside
     :func:`~pyro_vae.seeding.seeded`: the same seed draws the same samples, and the caller's
@@ -115,15 +181,22 @@ def make_figures(vae, images: torch.Tensor, labels: torch.Tensor, history: list[
     """
     with seeded(seed, images.device):
         samples = vae.sample_images(64)
-    figures = {
-        "reconstructions": plot_reconstructions(images[:12], vae.reconstruct(images[:12])),
-        "samples": plot_image_grid(samples, "samples: mean of p(x|z), z ~ p(z)"),
-    }
+    if images.dim() == 2:  # vectors (N, D): no image grids
+        figures = {
+            "reconstructions": plot_vector_reconstructions(images[:6], vae.reconstruct(images[:6])),
+            "samples": plot_vector_samples(samples[:32], "samples: mean of p(x|z), z ~ p(z)"),
+        }
+    else:
+        figures = {
+            "reconstructions": plot_reconstructions(images[:12], vae.reconstruct(images[:12])),
+            "samples": plot_image_grid(samples, "samples: mean of p(x|z), z ~ p(z)"),
+        }
     z_loc = torch.cat([vae.encode(images[i : i + 1000]).mean for i in range(0, min(len(images), 5000), 1000)])
-    shown = labels[: len(z_loc)]
+    shown = None if labels is None else labels[: len(z_loc)]
     if z_loc.shape[1] == 2:
         figures["latent_space"] = plot_latent_scatter(z_loc, shown, "latent means E[z|x] of test images")
-        figures["manifold"] = plot_manifold(vae)
+        if images.dim() > 2:  # a grid of decoded images
+            figures["manifold"] = plot_manifold(vae)
     else:
         projected, share = principal_components(z_loc)
         figures["latent_space"] = plot_latent_scatter(

@@ -1,9 +1,13 @@
 """Priors p(z): modules whose ``forward()`` returns the distribution of one latent vector.
 
 The returned distribution has ``event_shape == (z_dim,)`` and no batch shape;
-``pyro.plate("data", ...)`` broadcasts it over the images of a batch. Options
-(``model.prior_options`` in a config) are the keyword arguments of a prior's constructor
-after ``z_dim`` and ``encoder``; ``option_bounds`` states their allowed range.
+``pyro.plate("data", ...)`` broadcasts it over the data of a batch. A prior's constructor
+takes ``z_dim`` and, if it needs them, the model's ``encoder``, ``image_shape`` (the shape of
+one datum) and ``data_domain`` (what the likelihood accepts); its other keyword arguments are
+its options (``model.prior_options`` in a config), and ``option_bounds`` states their allowed
+range. Whether a prior has a closed-form KL is derived from torch's KL registry
+(:func:`pyro_vae.components.has_closed_form_kl`), not declared. A prior of one's own is added
+with :func:`pyro_vae.register_prior`, whose docstring is the contract.
 """
 
 from __future__ import annotations
@@ -57,9 +61,8 @@ class StandardNormal(nn.Module):
     """p(z) = N(0, I). Loc and scale are buffers, so ``.to(device)`` moves them."""
 
     option_bounds: dict = {}
-    has_closed_form_kl = True
 
-    def __init__(self, z_dim: int, encoder=None, image_shape=None):
+    def __init__(self, z_dim: int):
         super().__init__()
         self.register_buffer("loc", torch.zeros(z_dim))
         self.register_buffer("scale", torch.ones(z_dim))
@@ -72,9 +75,8 @@ class LearnedGaussian(nn.Module):
     """p(z) = N(loc, diag(scale^2)) with learned ``loc`` and ``scale`` (initially N(0, I))."""
 
     option_bounds: dict = {}
-    has_closed_form_kl = True
 
-    def __init__(self, z_dim: int, encoder=None, image_shape=None):
+    def __init__(self, z_dim: int):
         super().__init__()
         self.loc = nn.Parameter(torch.zeros(z_dim))
         self.raw_scale = nn.Parameter(torch.full((z_dim,), _softplus_inverse(1.0)))
@@ -91,9 +93,8 @@ class Mixture(nn.Module):
     """
 
     option_bounds = {"num_components": (1, True)}
-    has_closed_form_kl = False
 
-    def __init__(self, z_dim: int, encoder=None, image_shape=None, num_components: int = 10):
+    def __init__(self, z_dim: int, num_components: int = 10):
         super().__init__()
         self.logits = nn.Parameter(torch.zeros(num_components))
         self.locs = nn.Parameter(torch.randn(num_components, z_dim))
@@ -108,26 +109,41 @@ class VampPrior(nn.Module):
     """The VampPrior: p(z) = (1/K) sum_k q(z | u_k), a uniform mixture of the guide's
     posteriors at K learned pseudo-inputs u_k (``num_components``).
 
-    The pseudo-inputs live in [0, 1] like the data (a sigmoid of free parameters). The prior
-    shares the guide's encoder, so it changes as the encoder learns.
+    The pseudo-inputs have the shape of one datum (``image_shape``: an image or a vector) and
+    live where the data does: in [0, 1] (a sigmoid of free parameters) when the likelihood
+    accepts binary or unit-interval data, unconstrained when it accepts any real value
+    (``data_domain = "real"``, e.g. standardized measurements, where a sigmoid would keep them
+    away from most of the data). The prior shares the guide's encoder, so it changes as the
+    encoder learns.
+
+    :param z_dim: the latent dimension (unused: the encoder's output sets it).
+    :param encoder: the VAE's encoder; held, not registered, so the VAE owns it once.
+    :param image_shape: the shape of one datum: ``(C, H, W)`` or ``(D,)``.
+    :param data_domain: what the likelihood accepts: ``"binary"``, ``"unit_interval"`` or ``"real"``.
+    :param num_components: the number K of pseudo-inputs.
 
     Reference: Tomczak & Welling (2018), VAE with a VampPrior.
     """
 
     option_bounds = {"num_components": (1, True)}
-    has_closed_form_kl = False
 
-    def __init__(self, z_dim: int, encoder=None, image_shape=None, num_components: int = 500):
+    def __init__(self, z_dim: int, encoder=None, image_shape=None, data_domain: str = "unit_interval",
+                 num_components: int = 500):
         super().__init__()
         if encoder is None or image_shape is None:
             raise ValueError("the VampPrior needs the encoder and the image shape")
+        if data_domain not in ("binary", "unit_interval", "real"):
+            raise ValueError(f"data_domain = {data_domain!r}: choose one of 'binary', 'unit_interval', 'real'")
         # held in a list so the encoder stays registered once, as the VAE's own module
         self._encoder = [encoder]
-        # start near grey 0.5 with small noise (Tomczak & Welling initialize near the data mean)
+        self.unconstrained = data_domain == "real"
+        # near grey 0.5 (or near 0, the mean of standardized data) with small noise; Tomczak &
+        # Welling initialize near the data mean
         self.raw_pseudo_inputs = nn.Parameter(0.1 * torch.randn(num_components, *image_shape))
 
     def pseudo_inputs(self) -> torch.Tensor:
-        return torch.sigmoid(self.raw_pseudo_inputs)
+        """The K pseudo-inputs, ``(K, *image_shape)``."""
+        return self.raw_pseudo_inputs if self.unconstrained else torch.sigmoid(self.raw_pseudo_inputs)
 
     def forward(self):
         loc, scale = self._encoder[0](self.pseudo_inputs())
@@ -136,6 +152,7 @@ class VampPrior(nn.Module):
         return DiagonalGaussianMixture(dist.Categorical(logits=weights), components)
 
 
+#: prior name -> class; add one with :func:`pyro_vae.register_prior`.
 PRIORS = {
     "standard_normal": StandardNormal,
     "learned_gaussian": LearnedGaussian,
@@ -144,11 +161,18 @@ PRIORS = {
 }
 
 
-def make_prior(name: str, z_dim: int, encoder=None, image_shape=None, **options) -> nn.Module:
+def make_prior(name: str, z_dim: int, encoder=None, image_shape=None, data_domain: str = "unit_interval",
+               **options) -> nn.Module:
     """The prior ``name`` over ``z_dim`` latents, with its ``options``.
 
-    ``encoder`` and ``image_shape`` are needed by priors defined through the guide (VampPrior).
+    ``encoder``, ``image_shape`` (the shape of one datum) and ``data_domain`` (the likelihood's
+    ``accepts``) go to the priors that take them, such as the VampPrior, defined through the guide.
     """
+    from .components import model_arguments
+
     if name not in PRIORS:
         raise ValueError(f"unknown prior {name!r}; choose one of {sorted(PRIORS)}")
-    return PRIORS[name](z_dim, encoder=encoder, image_shape=image_shape, **options)
+    cls = PRIORS[name]
+    given = {"z_dim": z_dim, "encoder": encoder, "image_shape": None if image_shape is None else tuple(image_shape),
+             "data_domain": data_domain}
+    return cls(**{k: given[k] for k in model_arguments(cls, "prior")}, **options)

@@ -20,19 +20,20 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import pyro
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import (CHECKPOINT_NAME, DiskFullError, RunExistsError, is_disk_full, remove_stale_temporaries,
-                         save_checkpoint)
+from .checkpoint import (BUILT_BY_HAND, BUILT_FROM_CONFIG, CHECKPOINT_NAME, DiskFullError, RunExistsError,
+                         is_disk_full, remove_stale_temporaries, save_checkpoint, training_state)
 from .config import Config, from_dict, save_config
-from .data import Splits, binarize_once, iterate_batches, prepare
+from .data import Splits, binarize_once, check_likelihood_range, iterate_batches, prepare
 from .distributed import (ELBOLoss, Runtime, SharedNoise, all_reduce_sum, current_runtime, data_parallel, local_part,
                           shard_bounds)
 from .elbo import make_elbo, mean_elbo
+from .likelihoods import LIKELIHOODS
 from .model import LATENT, VAE, build_vae
 from .seeding import preserved
 
@@ -130,8 +131,14 @@ def fit(
     progress: bool = True,
     callback: Callable[[dict], None] | None = None,
     device: str | torch.device = "cpu",
+    vae: VAE | None = None,
+    plugins: Sequence[str] = (),
 ) -> FitResult:
-    """Train a VAE described by ``config`` on ``splits.train``; score ``splits.val`` each epoch.
+    """Train a VAE on ``splits.train``; score ``splits.val`` each epoch.
+
+    The loop knows nothing of where the model and the data came from: the VAE is built from
+    ``config.model`` unless one is given (``vae``, built by hand from any encoder, decoder,
+    likelihood and prior modules), and the data is any :class:`~pyro_vae.data.Splits`.
 
     :param config: a validated :class:`~pyro_vae.config.Config`.
     :param splits: the data, images ``(N, C, H, W)`` in [0, 1]; the test split is not used.
@@ -149,6 +156,11 @@ def fit(
     :param callback: called with each epoch's metrics record (the dict appended to
         ``history``) after it is saved, e.g. to redraw a live loss plot in a notebook.
     :param device: ``"cpu"``, ``"cuda"``, ``"auto"`` or a ``torch.device``.
+    :param vae: a :class:`~pyro_vae.model.VAE` to train instead of the one ``config.model``
+        describes (then only ``config``'s data, objective and train sections apply). Its
+        weights are trained in place; to resume its run, pass the same kind of VAE again.
+    :param plugins: the modules or files that registered the run's components, recorded in
+        the checkpoint so that ``pyro-vae evaluate``, ``plot`` and ``--resume`` load them again.
 
     In a process group (``torchrun``, see :mod:`pyro_vae.distributed`) every rank calls
     ``fit`` with the same arguments and trains its shard of each batch; only rank 0 writes
@@ -168,11 +180,16 @@ def fit(
     restored when ``fit`` returns, as if it had drawn nothing.
     """
     with preserved():
-        return _fit(config, splits, run_dir, checkpoint, progress, callback, device)
+        return _fit(config, splits, run_dir, checkpoint, progress, callback, device, vae, plugins)
 
 
-def _fit(config, splits, run_dir, checkpoint, progress, callback, device) -> FitResult:
+def _fit(config, splits, run_dir, checkpoint, progress, callback, device, vae, plugins) -> FitResult:
+    built = BUILT_FROM_CONFIG if vae is None else BUILT_BY_HAND
     if checkpoint is not None:
+        if checkpoint.get("built", BUILT_FROM_CONFIG) != built:
+            raise ValueError("the checkpoint's VAE was built by hand: pass the same VAE again, fit(..., vae=...)"
+                             if built == BUILT_FROM_CONFIG else
+                             "the checkpoint's VAE was built from its config: resume without vae=")
         saved = from_dict(checkpoint["config"])
         continued = resumed_config(saved, config.train.epochs)
         given = config
@@ -184,9 +201,14 @@ def _fit(config, splits, run_dir, checkpoint, progress, callback, device) -> Fit
     runtime = current_runtime(device)
     device = runtime.device
     pyro.set_rng_seed(config.train.seed)
+    if vae is None:
+        vae = build_vae(config.model, splits.train.image_shape)  # checks its parts' shapes
+    else:  # a user's modules: the same check, one clear line instead of a shape error mid-step
+        vae.check_shapes(splits.train.image_shape)
+    check_data(config, splits, vae.likelihood)  # before binarization draws from values it cannot take
     images = _training_images(config, splits)
     val_images = prepare(splits.val, config.data.binarize).images
-    vae = build_vae(config.model, splits.train.image_shape).to(device)
+    vae = vae.to(device)
     optimizer = make_optimizer(vae.parameters(), config.train.lr)
     estimator = make_elbo(config.objective.elbo, config.objective.num_particles)
     objective = data_parallel(ELBOLoss(vae, estimator), runtime, may_mask=_may_mask(config.objective))
@@ -219,19 +241,16 @@ def _fit(config, splits, run_dir, checkpoint, progress, callback, device) -> Fit
             # Rewritten from the checkpoint's history, so metrics never run ahead of the state.
             (run_dir / METRICS_NAME).write_text("".join(json.dumps(r) + "\n" for r in history))
 
+    # Splits built by hand have no source: say so, so that no command reads other data for it
+    source = splits.source or {"dataset": None, "kind": "tensors", "path": None, "fingerprint": None}
+
     def state(order_now=None, partial_now=None):
-        return {
-            "config": config.to_dict(),
-            "image_shape": list(splits.train.image_shape),
-            "model": vae.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "rng": _rng_state(generator, device),
-            "epoch": epoch,
-            "step": step,
-            "order": order_now,
-            "partial": partial_now,
-            "history": history,
-        }
+        return training_state(
+            config=config.to_dict(), image_shape=splits.train.image_shape, model=vae.state_dict(),
+            optimizer=optimizer.state_dict(), rng=_rng_state(generator, device), epoch=epoch, step=step,
+            order=order_now, partial=partial_now, history=history, data=source,
+            plugins=plugins, built=built,
+        )
 
     def diverged(problem: str, index: int) -> TrainingDiverged:
         return _diverged(problem, epoch, index, config, run_dir if writes else None, saved_at)
@@ -328,6 +347,20 @@ def _fit(config, splits, run_dir, checkpoint, progress, callback, device) -> Fit
             if stopping:
                 return FitResult(vae.eval(), config, history, run_dir, completed=epoch >= config.train.epochs)
     return FitResult(vae.eval(), config, history, run_dir, completed=True)
+
+
+def check_data(config: Config, splits: Splits, likelihood=None) -> None:
+    """Refuse (:class:`~pyro_vae.data.DataError`, one line), before anything trains, training
+    data outside what the likelihood is defined on. ``likelihood``: the VAE's head; by default
+    the one ``config.model`` names. A head of one's own without ``accepts`` is taken at its word.
+    """
+    named = LIKELIHOODS.get(config.model.likelihood)
+    if likelihood is None:
+        likelihood = named
+    name = config.model.likelihood if type(likelihood) is named or likelihood is named else type(likelihood).__name__
+    accepts = getattr(likelihood, "accepts", None)
+    if accepts is not None:
+        check_likelihood_range(splits.train.images, accepts, config.data.binarize, name)
 
 
 def _position(epoch: int, step: int) -> str:

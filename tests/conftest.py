@@ -116,3 +116,25 @@ def mnist(mnist_dir):
     from pyro_vae.data import load_splits
 
     return load_splits("mnist", mnist_dir)
+
+
+#: Module names under which plugins (and the tests' own parts modules) are imported.
+PLUGIN_PREFIXES = ("pyro_vae_plugin_", "pyro_vae_test_parts")
+
+
+@pytest.fixture
+def restore_registries():
+    """Whatever a test registers, or imports as a plugin, is gone after it."""
+    import sys
+
+    from pyro_vae.likelihoods import LIKELIHOODS
+    from pyro_vae.networks import ARCHITECTURES
+    from pyro_vae.priors import PRIORS
+
+    saved = [(registry, dict(registry)) for registry in (LIKELIHOODS, PRIORS, ARCHITECTURES)]
+    yield
+    for registry, entries in saved:
+        registry.clear()
+        registry.update(entries)
+    for name in [m for m in sys.modules if m.startswith(PLUGIN_PREFIXES)]:
+        del sys.modules[name]

@@ -81,6 +81,36 @@ REFUSED = {
     "train-limit-negative": (TRAIN + ["--set", "data.train_limit=-1"], ["data.train_limit", ">= 0"]),
     "dataset-unknown": (TRAIN + ["--set", "data.dataset=cifar"], ["data.dataset", "cifar", "mnist"]),
     "binarize-unknown": (TRAIN + ["--set", "data.binarize=yes"], ["data.binarize", "static", "none"]),
+    "val-fraction-one": (TRAIN + ["--set", "data.val_fraction=1"], ["data.val_fraction", "< 1"]),
+    "test-fraction-negative": (TRAIN + ["--set", "data.test_fraction=-0.1"], ["data.test_fraction", ">= 0"]),
+    "test-fraction-nan": (TRAIN + ["--set", "data.test_fraction=nan"], ["data.test_fraction", "finite"]),
+    "fractions-leave-nothing": (TRAIN + ["--set", "data.val_fraction=0.6", "--set", "data.test_fraction=0.4"],
+                                ["data.val_fraction + data.test_fraction", "< 1"]),
+    "split-seed-negative": (TRAIN + ["--set", "data.split_seed=-1"], ["data.split_seed", ">= 0"]),
+    "split-seed-too-large": (TRAIN + ["--set", "data.split_seed=4294967296"], ["data.split_seed", "<= 4294967295"]),
+    "image-size-negative": (TRAIN + ["--set", "data.image_size=-1"], ["data.image_size", ">= 0"]),
+    "image-size-float": (TRAIN + ["--set", "data.image_size=2.5"], ["data.image_size", "integer"]),
+    "standardize-not-bool": (TRAIN + ["--set", "data.standardize=yes"], ["data.standardize", "true or false"]),
+    "standardize-with-binarize": (TRAIN + ["--set", "data.standardize=true"],
+                                  ["data.standardize", "data.binarize = 'none'"]),
+    # data from a path: each bad file is one line, before anything trains ----------------------
+    "data-missing-path": (TRAIN + ["--data", "{tmp}/nowhere.npy"], ["nowhere.npy", "does not exist"]),
+    "data-empty-folder": (TRAIN + ["--data", "{dir}"], ["folder", "no image files"]),
+    "data-non-image-files": (TRAIN + ["--data", "{docs}"], ["readme.txt", "no image files"]),
+    "data-broken-image": (TRAIN + ["--data", "{broken_images}"], ["b.png", "cannot be read as an image"]),
+    "data-mixed-sizes": (TRAIN + ["--set", "data.dataset={mixed_images}"], ["a.png", "b.png", "data.image_size"]),
+    "data-nan": (TRAIN + ["--data", "{nan_npy}"], ["nan.npy", "NaN"]),
+    "data-inf": (TRAIN + ["--data", "{inf_npy}"], ["inf.npy", "infinite"]),
+    "data-one-dimensional": (TRAIN + ["--data", "{flat_npy}"], ["flat.npy", "(N, D)"]),
+    "data-labels-wrong-length": (TRAIN + ["--data", "{labels_npz}"], ["labels.npz", "labels of shape (3,) for 4"]),
+    "data-test-fraction-zero": (TRAIN + ["--data", "{real_npy}", "--set", "data.test_fraction=0"],
+                                ["data.test_fraction", "test split"]),
+    "data-train-limit-beyond-array": (TRAIN + ["--data", "{real_npy}", "--set", "data.train_limit=1000"],
+                                      ["data.train_limit", "1000"]),
+    "data-binarize-real-values": (TRAIN + ["--data", "{real_npy}"], ["data.binarize", "outside [0, 1]", "gaussian"]),
+    "data-continuous-bernoulli-real-values": (TRAIN + ["--data", "{real_npy}", "--likelihood", "continuous_bernoulli",
+                                                       "--set", "data.binarize=none"],
+                                              ["continuous_bernoulli", "[0, 1]", "gaussian"]),
     "bernoulli-on-grey": (TRAIN + ["--set", "data.binarize=none"], ["bernoulli", "data.binarize"]),
     "z-dim-zero": (TRAIN + ["--set", "model.z_dim=0"], ["model.z_dim", ">= 1"]),
     "z-dim-float": (TRAIN + ["--set", "model.z_dim=2.5"], ["model.z_dim", "integer"]),
@@ -151,6 +181,14 @@ REFUSED = {
     "resume-missing": (["train", "--resume", "{norun}"], ["no checkpoint", "no-run"]),
     "resume-file": (["train", "--resume", "{file}"], ["no checkpoint", "file.txt"]),
     "resume-corrupt": (["train", "--resume", "{corrupt}"], ["corrupted"]),
+    "plugin-missing-file": (["train", "--plugin", "{tmp}/nowhere.py", "--out", "{new}"], ["plugin", "nowhere.py"]),
+    "plugin-missing-module": (["train", "--plugin", "no_such_plugin_module", "--out", "{new}"],
+                              ["plugin", "no_such_plugin_module"]),
+    "compare-plugin-missing": (["compare-elbo", "--train", "--plugin", "{tmp}/nowhere.py", "--out", "{new}"],
+                               ["plugin", "nowhere.py"]),
+    "plot-plugin-missing": pytest.param(["plot", "{run}", "--plugin", "{tmp}/nowhere.py"], ["plugin", "nowhere.py"],
+                                        marks=mnist),
+    "plugin-folder": pytest.param(["evaluate", "{run}", "--plugin", "{dir}"], ["plugin"], marks=mnist),
     "resume-epochs-already-done": pytest.param(["train", "--resume", "{run}", "--epochs", "1"],
                                                ["--epochs 1", "already trained 1 epochs"], marks=mnist),
     "data-dir-missing": (TRAIN + ["--data-dir", "{tmp}/nowhere", "--epochs", "1"],
@@ -173,6 +211,8 @@ REFUSED = {
     "evaluate-run-corrupt": (["evaluate", "{corrupt}"], ["corrupted"]),
     "evaluate-limit-beyond-test": pytest.param(["evaluate", "{run}", "--limit", "10001", "--quiet"],
                                                ["--limit", "10001", "10000"], marks=mnist),
+    "evaluate-data-missing": pytest.param(["evaluate", "{run}", "--data", "{tmp}/nowhere.npy"],
+                                          ["nowhere.npy", "does not exist"], marks=mnist),
     "evaluate-data-dir-missing": pytest.param(["evaluate", "{run}", "--data-dir", "{tmp}/nowhere"],
                                               ["nowhere", "train-images-idx3-ubyte"], marks=mnist),
     # plot ------------------------------------------------------------------------------------------
@@ -181,6 +221,8 @@ REFUSED = {
     "plot-run-is-file": (["plot", "{file}"], ["no checkpoint"]),
     "plot-run-corrupt": (["plot", "{corrupt}"], ["corrupted"]),
     "plot-flag-unknown": (["plot", "{norun}", "--limit", "5"], ["unrecognized arguments", "--limit"]),
+    "plot-data-missing": pytest.param(["plot", "{run}", "--data", "{tmp}/nowhere.npy"],
+                                      ["nowhere.npy", "does not exist"], marks=mnist),
     "plot-data-dir-missing": pytest.param(["plot", "{run}", "--data-dir", "{tmp}/nowhere"],
                                           ["nowhere", "train-images-idx3-ubyte"], marks=mnist),
     # compare-elbo on a run -------------------------------------------------------------------------
@@ -202,6 +244,8 @@ REFUSED = {
                                                      ["analytic", "mixture", "nothing left"], marks=mnist),
     "compare-limit-beyond-test": pytest.param(["compare-elbo", "{run}", "--limit", "20000"],
                                               ["--limit", "20000", "10000"], marks=mnist),
+    "compare-data-missing": pytest.param(["compare-elbo", "{run}", "--data", "{tmp}/nowhere.npy"],
+                                         ["nowhere.npy", "does not exist"], marks=mnist),
     "compare-data-dir-missing": pytest.param(["compare-elbo", "{run}", "--data-dir", "{tmp}/nowhere"],
                                              ["nowhere", "train-images-idx3-ubyte"], marks=mnist),
     # compare-elbo --train --------------------------------------------------------------------------
@@ -250,12 +294,38 @@ def paths(tmp_path_factory) -> dict[str, str]:
     (tmp / "nan.toml").write_text("[train]\nlr = nan\n")
     (tmp / "corrupt").mkdir()
     (tmp / "corrupt" / CHECKPOINT_NAME).write_bytes(b"PK\x03\x04 truncated zip")
-    return {
+    data_files = _bad_data_files(tmp)
+    return {**data_files,
         "tmp": str(tmp), "file": str(tmp / "file.txt"), "dir": str(tmp / "folder"), "fifo": str(tmp / "fifo"),
         "link": str(tmp / "link"), "latin1": str(tmp / "latin1.toml"), "badtoml": str(tmp / "bad.toml"),
         "optimizer_toml": str(tmp / "optimizer.toml"), "nan_toml": str(tmp / "nan.toml"),
         "corrupt": str(tmp / "corrupt"), "norun": str(tmp / "no-run"),
     }
+
+
+def _bad_data_files(tmp: Path) -> dict[str, str]:
+    """Data a user might point --data at, each bad in one way (see the data-* cases)."""
+    import numpy as np
+    from PIL import Image
+
+    def png(path, height, width):
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(np.zeros((height, width), dtype=np.uint8)).save(path)
+
+    (tmp / "docs").mkdir()
+    (tmp / "docs" / "readme.txt").write_text("no images here\n")
+    png(tmp / "broken_images" / "a.png", 4, 4)
+    (tmp / "broken_images" / "b.png").write_bytes(b"not a PNG")
+    png(tmp / "mixed_images" / "a.png", 4, 4)
+    png(tmp / "mixed_images" / "b.png", 5, 4)
+    np.save(tmp / "nan.npy", np.full((4, 3), np.nan))
+    np.save(tmp / "inf.npy", np.full((4, 3), -np.inf))
+    np.save(tmp / "flat.npy", np.zeros(12))
+    np.savez(tmp / "labels.npz", images=np.zeros((4, 2, 2)), labels=np.arange(3))
+    np.save(tmp / "real.npy", np.random.default_rng(0).normal(size=(40, 1, 4, 4)).astype(np.float32))
+    names = {"docs": "docs", "broken_images": "broken_images", "mixed_images": "mixed_images", "nan_npy": "nan.npy",
+             "inf_npy": "inf.npy", "flat_npy": "flat.npy", "labels_npz": "labels.npz", "real_npy": "real.npy"}
+    return {key: str(tmp / name) for key, name in names.items()}
 
 
 TINY = {"model.hidden_dim": 16, "model.z_dim": 2, "train.epochs": 1, "train.batch_size": 100,
@@ -331,6 +401,21 @@ def test_unreadable_config_file(tmp_path, capsys, monkeypatch):
         monkeypatch.setattr(Path, "read_bytes", refuse)
     status, _, err = _call(["train", "--config", str(path), "--out", str(tmp_path / "run")], capsys)
     _assert_refused(status, err, ["secret.toml", "cannot be read", "Permission denied"])
+
+
+def test_unreadable_data_file(tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    path = tmp_path / "secret.npy"
+    np.save(path, np.zeros((10, 3), dtype=np.float32))
+    path.chmod(0)
+    if os.geteuid() == 0:  # root reads it anyway: stand in the error a user would get
+        def refuse(file, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", str(file))
+        monkeypatch.setattr(np, "load", refuse)
+    monkeypatch.setattr(cli, "fit", _trap)
+    status, _, err = _call(["train", "--data", str(path), "--out", str(tmp_path / "run")], capsys)
+    _assert_refused(status, err, ["secret.npy", "cannot be read", "Permission denied"])
 
 
 @pytest.fixture(scope="module")

@@ -75,6 +75,14 @@ def test_dynamic_batches_are_fresh_draws():
     assert not torch.equal(first, second)
 
 
+def test_labels_are_optional():
+    data = ImageData(torch.rand(6, 3))  # vectors, no labels
+    assert data.labels is None and data.image_shape == (3,)
+    assert data.head(2).labels is None and data.take(torch.tensor([4, 1])).labels is None
+    assert torch.equal(data.take(torch.tensor([4, 1])).images, data.images[[4, 1]])
+    assert binarize_once(data).labels is None and prepare(data, "static").images.shape == (6, 3)
+
+
 @pytest.mark.mnist
 def test_mnist_splits(mnist):
     assert (len(mnist.train), len(mnist.val), len(mnist.test)) == (50_000, 10_000, 10_000)
@@ -82,6 +90,10 @@ def test_mnist_splits(mnist):
     assert mnist.train.images.dtype == torch.float32
     assert mnist.train.images.min() >= 0 and mnist.train.images.max() <= 1
     assert set(mnist.test.labels.unique().tolist()) == set(range(10))
+    source = mnist.source
+    assert (source["dataset"], source["kind"], source["path"]) == ("mnist", "torchvision", None)
+    assert source["num_items"] == 70_000 and source["data_shape"] == [1, 28, 28] and source["has_labels"]
+    assert len(source["fingerprint"]) == 64 and len(source["classes"]) == 10
 
 
 @pytest.mark.mnist

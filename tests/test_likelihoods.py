@@ -85,11 +85,23 @@ def test_laplace(learned):
     torch.testing.assert_close(head(loc).log_prob(x), expected)
 
 
+@pytest.mark.parametrize("shape", [SHAPE, (3, 5, 4), (6,)], ids=["grey image", "RGB image", "vector"])
 @pytest.mark.parametrize("name", sorted(LIKELIHOODS))
-def test_one_event_per_image(name):
-    p = make_likelihood(name, SHAPE)(torch.zeros(2, 7, *SHAPE))
-    assert p.batch_shape == (2, 7) and p.event_shape == SHAPE
-    assert p.mean.shape == (2, 7, *SHAPE)
+def test_one_event_per_datum(name, shape):
+    p = make_likelihood(name, shape)(torch.zeros(2, 7, *shape))
+    assert p.batch_shape == (2, 7) and p.event_shape == shape
+    assert p.mean.shape == (2, 7, *shape)
+    assert p.log_prob(torch.zeros(7, *shape)).shape == (2, 7)
+
+
+@pytest.mark.parametrize("per_pixel", [False, True])
+def test_gaussian_learned_on_vectors_sums_over_the_vector(per_pixel):
+    g = torch.Generator().manual_seed(1)
+    loc, x = torch.randn(4, 6, generator=g, dtype=torch.float64), torch.randn(4, 6, generator=g, dtype=torch.float64)
+    head = make_likelihood("gaussian_learned", (6,), scale=0.5, per_pixel=per_pixel).double()
+    assert head.raw_scale.shape == ((6,) if per_pixel else ())
+    expected = (-0.5 * ((x - loc) / 0.5) ** 2 - math.log(math.sqrt(2 * math.pi) * 0.5)).sum(-1)
+    torch.testing.assert_close(head(loc).log_prob(x), expected)
 
 
 def test_every_likelihood_declares_its_data():
@@ -97,3 +109,5 @@ def test_every_likelihood_declares_its_data():
         assert cls.accepts in {"binary", "unit_interval", "real"}
     with pytest.raises(ValueError, match="choose one of"):
         make_likelihood("poisson")
+    with pytest.raises(ValueError, match="image_shape"):
+        make_likelihood("bernoulli")

@@ -1,3 +1,5 @@
+import math
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -6,18 +8,18 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from torch.distributions import kl_divergence
 
-from pyro_vae.config import load_config
-from pyro_vae.model import LATENT, OBSERVED, build_vae
+from pyro_vae.config import ConfigError, load_config
+from pyro_vae.model import LATENT, OBSERVED, VAE, build_vae
 from pyro_vae.networks import ARCHITECTURES
 from pyro_vae.seeding import seeded
 
 IMAGE_SHAPE = (1, 12, 10)  # deliberately not square nor a multiple of 4
 
 
-def make_vae(arch="mlp", z_dim=4, image_shape=IMAGE_SHAPE, num_layers=1):
+def make_vae(arch="mlp", z_dim=4, image_shape=IMAGE_SHAPE, num_layers=1, name=None):
     config = load_config(None, {"model.arch": arch, "model.z_dim": z_dim, "model.hidden_dim": 16,
                                 "model.num_layers": num_layers})
-    return build_vae(config.model, image_shape)
+    return build_vae(config.model, image_shape, name=name)
 
 
 def binary_batch(n=8, shape=IMAGE_SHAPE, seed=0):
@@ -26,7 +28,7 @@ def binary_batch(n=8, shape=IMAGE_SHAPE, seed=0):
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-@pytest.mark.parametrize("shape", [IMAGE_SHAPE, (1, 28, 28), (3, 16, 16)])
+@pytest.mark.parametrize("shape", [IMAGE_SHAPE, (1, 28, 28), (3, 16, 16), (3, 5, 7)])
 def test_shapes(arch, shape):
     vae = make_vae(arch, image_shape=shape)
     x = binary_batch(5, shape)
@@ -37,6 +39,28 @@ def test_shapes(arch, shape):
     assert vae.prior().event_shape == (4,) and vae.prior().batch_shape == ()
     assert vae.sample_images(6).shape == (6, *shape)
     assert vae.reconstruct(x).shape == x.shape
+
+
+@pytest.mark.parametrize("shape", [(7,), (1, 5)], ids=["vector", "2-d datum"])
+def test_mlp_shapes_on_data_that_are_not_images(shape):
+    vae = make_vae("mlp", image_shape=shape)
+    x = binary_batch(5, shape)
+    assert vae.encode(x).batch_shape == (5,)
+    p_x = vae.decode(vae.encode(x).rsample((3,)))
+    assert p_x.batch_shape == (3, 5) and p_x.event_shape == shape
+    assert vae.sample_images(6).shape == (6, *shape) and vae.reconstruct(x).shape == x.shape
+
+
+@pytest.mark.parametrize("shape, words", [
+    ((7,), ["model.arch = 'conv' needs images (C, H, W)", "vectors of shape (7,)", "model.arch = 'mlp'"]),
+    ((1, 3, 8), ["at least 4 x 4", "(1, 3, 8)"]),
+])
+def test_conv_refuses_what_it_cannot_take_with_one_line(shape, words):
+    with pytest.raises(ConfigError) as error:
+        make_vae("conv", image_shape=shape)
+    assert "\n" not in str(error.value)
+    for word in words:
+        assert word in str(error.value)
 
 
 @pytest.mark.parametrize("num_layers", [1, 3])
@@ -150,15 +174,104 @@ def test_model_and_guide_train_with_pyro_svi(seed):
     """
     pyro.clear_param_store()
     with seeded(seed):
-        vae = make_vae()
+        vae = make_vae(name="mine")
         x = binary_batch(64)
         svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
         before = vae.decoder.out.weight.detach().clone()
         losses = [svi.step(x) for _ in range(60)]
     assert not torch.equal(before, vae.decoder.out.weight)
     names = set(pyro.get_param_store().keys())
-    assert {"encoder$$$loc.weight", "decoder$$$out.weight"} <= names
+    assert {"mine.encoder$$$loc.weight", "mine.decoder$$$out.weight"} <= names
     assert sum(losses[-10:]) < sum(losses[:10])
+    pyro.clear_param_store()
+
+
+class VectorEncoder(torch.nn.Module):
+    """A user's own encoder for vectors (D,), written without pyro_vae's networks."""
+
+    def __init__(self, x_dim, z_dim):
+        super().__init__()
+        self.net = torch.nn.Linear(x_dim, 2 * z_dim)
+
+    def forward(self, x):
+        loc, raw = self.net(x).chunk(2, -1)
+        return loc, torch.nn.functional.softplus(raw) + 1e-4
+
+
+class VectorDecoder(torch.nn.Module):
+    def __init__(self, z_dim, x_dim):
+        super().__init__()
+        self.net = torch.nn.Linear(z_dim, x_dim)
+
+    def forward(self, z):
+        return self.net(z)
+
+
+class GaussianVectors(torch.nn.Module):
+    """A user's own likelihood: unit-variance Gaussian vectors."""
+
+    accepts = "real"
+
+    def forward(self, loc):
+        return dist.Normal(loc, 1.0).to_event(1)
+
+
+class NormalPrior(torch.nn.Module):
+    def __init__(self, z_dim):
+        super().__init__()
+        self.register_buffer("loc", torch.zeros(z_dim))
+
+    def forward(self):
+        return dist.Normal(self.loc, 1.0).to_event(1)
+
+
+@pytest.mark.parametrize("data", ["images", "vectors"])
+def test_model_and_guide_in_a_users_own_svi_loop_on_their_own_tensors(data):
+    """A hand-built VAE (vectors) or a config-built one (images), the user's own tensors, SVI."""
+    pyro.clear_param_store()
+    with seeded(0):
+        if data == "vectors":
+            vae = VAE(VectorEncoder(6, 2), VectorDecoder(2, 6), GaussianVectors(), NormalPrior(2))
+            vae.check_shapes((6,))
+            # two clusters in 6 dimensions
+            x = torch.cat([torch.randn(32, 6) * 0.3 + 2, torch.randn(32, 6) * 0.3 - 2])
+        else:
+            vae = make_vae(z_dim=2)
+            x = binary_batch(64)
+        svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 3e-2}), Trace_ELBO())
+        losses = [svi.step(x) for _ in range(40)]
+    assert all(map(math.isfinite, losses)) and sum(losses[-5:]) < sum(losses[:5])
+    assert {f"{vae.name}.encoder", f"{vae.name}.decoder"} <= {k.split("$$$")[0] for k in pyro.get_param_store()}
+    pyro.clear_param_store()
+
+
+def test_default_names_are_distinct_in_creation_order():
+    first, second = make_vae(), make_vae()
+    number = lambda vae: 0 if vae.name == "vae" else int(vae.name.rsplit("_", 1)[1])  # noqa: E731
+    assert first.name.startswith("vae") and number(second) == number(first) + 1
+
+
+def test_two_vaes_trained_alternately_in_one_param_store_keep_their_own_parameters():
+    """With fixed module names, pyro.module would load the first VAE's weights into the second."""
+    pyro.clear_param_store()
+    with seeded(0):
+        a, b = make_vae(z_dim=2), make_vae(z_dim=2)
+        x_a, x_b = binary_batch(16, seed=1), 1 - binary_batch(16, seed=2)
+        svi_a = SVI(a.model, a.guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+        svi_b = SVI(b.model, b.guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+        for _ in range(5):
+            svi_a.step(x_a)
+            snapshot = {k: v.detach().clone() for k, v in a.state_dict().items()}
+            svi_b.step(x_b)
+            # b's step leaves every parameter of a as it was
+            assert all(torch.equal(v, a.state_dict()[k]) for k, v in snapshot.items())
+    store = pyro.get_param_store()
+    for vae in (a, b):
+        for part in ("encoder", "decoder"):
+            for key, param in getattr(vae, part).named_parameters():
+                assert store[f"{vae.name}.{part}$$${key}"] is param  # the store holds the VAE's own tensors
+    assert not torch.equal(a.decoder.out.weight, b.decoder.out.weight)
+    assert len(store.keys()) == len(list(a.parameters())) + len(list(b.parameters()))
     pyro.clear_param_store()
 
 

@@ -14,6 +14,7 @@ from pyro_vae.plotting import (
     plot_interpolations,
     plot_iwae_bounds,
     plot_latent_dimensions,
+    plot_latent_scatter,
     plot_learning_curves,
     plot_manifold,
     plot_rate_distortion,
@@ -133,3 +134,31 @@ def test_iwae_bounds_sorted_by_k_with_the_exact_value():
     bound, exact = figure.axes[0].get_lines()
     assert list(bound.get_xdata()) == [1, 5, 50] and list(bound.get_ydata()) == [-98.3, -95.3, -93.5]
     assert list(exact.get_ydata()) == [-92.0, -92.0]
+
+
+def test_make_figures_without_labels(splits):
+    vae = build_vae(load_config(None, {"model.z_dim": 2, "model.hidden_dim": 8}).model, (1, 8, 8))
+    figure = make_figures(vae, splits.test.images, None, [])["latent_space"]
+    assert len(figure.axes) == 1  # no colorbar
+    assert len(set(map(tuple, figure.axes[0].collections[0].get_facecolors().round(6).tolist()))) == 1
+
+
+@pytest.mark.parametrize("num_classes, colorbar", [(4, True), (20, True), (37, False), (100, False)])
+def test_latent_scatter_gives_every_class_its_own_colour(num_classes, colorbar):
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(3 * num_classes) % num_classes * 7  # any integer labels, not only 0..K-1
+    figure = plot_latent_scatter(torch.randn(len(labels), 2, generator=g), labels, "z")
+    scatter = figure.axes[0].collections[0]
+    colours = scatter.to_rgba(scatter.get_array())  # the colours the points are drawn with
+    assert len(set(map(tuple, colours.round(6).tolist()))) == num_classes
+    assert (len(figure.axes) == 2) == colorbar
+    if colorbar:
+        ticks = [t.get_text() for t in figure.axes[1].get_yticklabels()]
+        assert ticks == [str(7 * k) for k in range(num_classes)]
+    else:
+        assert f"{num_classes} classes" in figure.axes[0].get_title()
+
+
+def test_latent_scatter_names_the_classes():
+    figure = plot_latent_scatter(torch.zeros(3, 2), torch.tensor([2, 0, 2]), "z", class_names=["a", "b", "c"])
+    assert [t.get_text() for t in figure.axes[1].get_yticklabels()] == ["a", "c"]

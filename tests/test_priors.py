@@ -105,3 +105,23 @@ def test_mixture_log_prob_matches_the_elementwise_reference(expanded):
     if expanded:
         fast, reference = fast.expand((6,)), reference.expand((6,))
     torch.testing.assert_close(fast.log_prob(z), reference.log_prob(z), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("data_domain", ["unit_interval", "real"])
+def test_vamp_prior_on_vectors_keeps_its_pseudo_inputs_where_the_data_lives(data_domain):
+    """Pseudo-inputs have the datum's shape; in [0, 1] for data there, unconstrained for real data."""
+    torch.manual_seed(0)
+    encoder = MLPEncoder((5,), Z_DIM, 8)
+    prior = make_prior("vamp", Z_DIM, encoder=encoder, image_shape=(5,), data_domain=data_domain, num_components=3)
+    with torch.no_grad():
+        prior.raw_pseudo_inputs.mul_(30)  # far outside [0, 1] before any squashing
+    u = prior.pseudo_inputs()
+    assert u.shape == (3, 5)
+    if data_domain == "real":
+        assert u is prior.raw_pseudo_inputs and (u.abs() > 1).any()
+    else:
+        assert ((u >= 0) & (u <= 1)).all()
+    p = prior()
+    assert p.event_shape == (Z_DIM,) and p.batch_shape == ()
+    with pytest.raises(ValueError, match="data_domain"):
+        make_prior("vamp", Z_DIM, encoder=encoder, image_shape=(5,), data_domain="counts")

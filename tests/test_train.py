@@ -284,3 +284,62 @@ def test_fit_refuses_to_start_over_an_existing_run(tmp_path, splits, tiny_config
     with pytest.raises(RunExistsError, match="already holds a run"):
         fit(tiny_config, splits, run_dir=tmp_path, progress=False)
     assert (tmp_path / CHECKPOINT_NAME).read_bytes() == before
+
+
+class TinyEncoder(torch.nn.Module):
+    """A user's own encoder: x (B, *shape) -> (z_loc, z_scale), each (B, z_dim)."""
+
+    def __init__(self, x_dim, z_dim):
+        super().__init__()
+        self.net = torch.nn.Linear(x_dim, 2 * z_dim)
+
+    def forward(self, x):
+        loc, raw = self.net(x.flatten(1)).chunk(2, -1)
+        return loc, torch.nn.functional.softplus(raw) + 1e-4
+
+
+class TinyDecoder(torch.nn.Module):
+    """A user's own decoder: z (..., z_dim) -> logits (..., *shape)."""
+
+    def __init__(self, z_dim, shape):
+        super().__init__()
+        self.shape = tuple(shape)
+        self.net = torch.nn.Sequential(torch.nn.Linear(z_dim, 16), torch.nn.Tanh(), torch.nn.Linear(16, math.prod(shape)))
+
+    def forward(self, z):
+        return self.net(z).unflatten(-1, self.shape)
+
+
+def hand_built_vae(shape, z_dim=3, seed=0):
+    from pyro_vae.likelihoods import make_likelihood
+    from pyro_vae.model import VAE
+    from pyro_vae.priors import make_prior
+
+    torch.manual_seed(seed)
+    return VAE(TinyEncoder(math.prod(shape), z_dim), TinyDecoder(z_dim, shape), make_likelihood("bernoulli", shape),
+               make_prior("standard_normal", z_dim))
+
+
+def test_fit_trains_a_hand_built_vae_and_resumes_it_exactly(tmp_path, splits, tiny_config):
+    from pyro_vae.checkpoint import load_run
+
+    shape = splits.train.image_shape
+    config = tiny_config.replace(**{"train.epochs": 3})
+    full = fit(config, splits, progress=False, vae=hand_built_vae(shape))
+    assert full.history[-1]["val_elbo"] > full.history[0]["val_elbo"]
+
+    fit(config.replace(**{"train.epochs": 1}), splits, run_dir=tmp_path, progress=False, vae=hand_built_vae(shape))
+    with pytest.raises(ValueError, match="built by hand"):  # its config does not describe it
+        fit(config, splits, run_dir=tmp_path, checkpoint=load_checkpoint(tmp_path), progress=False)
+    resumed = fit(config, splits, run_dir=tmp_path, checkpoint=load_checkpoint(tmp_path), progress=False,
+                  vae=hand_built_vae(shape, seed=123))  # its own initial weights are replaced by the checkpoint's
+    assert comparable(resumed.history) == comparable(full.history)
+    for (name, a), (_, b) in zip(full.vae.state_dict().items(), resumed.vae.state_dict().items()):
+        assert torch.equal(a, b), name
+
+    with pytest.raises(CheckpointError, match="built by hand"):
+        load_run(tmp_path)
+    loaded = load_run(tmp_path, vae=hand_built_vae(shape, seed=7))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), full.vae.state_dict().values()))
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_run(tmp_path, vae=hand_built_vae(shape, z_dim=4))

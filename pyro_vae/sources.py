@@ -1,0 +1,266 @@
+"""Reading a dataset from files: a folder of image files, or an array file (.npy, .npz, .pt).
+
+A reader returns the data as the file holds it (:class:`RawData`): ``uint8`` values stay
+``uint8`` (they mean 0..255), every other number type becomes ``float32`` as it is, and
+labels are ``int64`` class indices or ``None``. Anything it cannot read is refused with
+one :class:`DataError` line naming the file and what to change. Scaling, splits, fingerprints
+and range checks are :mod:`pyro_vae.data`'s job; nothing here knows about configs.
+
+Layouts:
+
+- a folder of ``.png`` / ``.jpg`` / ``.jpeg`` files: either flat (no labels), or one
+  sub-folder per class (the ``torchvision.datasets.ImageFolder`` layout: the label of an
+  image is the index of its folder's name among the sorted names). Files with other suffixes,
+  and names starting with a dot, are ignored; a file with an image suffix that cannot be
+  decoded is refused. Grey images (PIL modes ``1``, ``L``, ``LA``) give one channel, all
+  others three (RGB); alpha is dropped; a folder mixing both gives three. 16-bit and float
+  images are refused (converting them to 8 bits would clip them silently).
+- ``.npy``: one array; ``.npz``: arrays ``images`` (or ``x``) and optionally ``labels``
+  (or ``y``); ``.pt``: a tensor, or a dict with those keys, read with ``weights_only=True``
+  (no code in the file runs). Shapes: ``(N, H, W)`` grey images (a channel axis is added),
+  ``(N, C, H, W)`` images, ``(N, D)`` vectors.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+ARRAY_SUFFIXES = (".npy", ".npz", ".pt")
+#: Keys of an .npz archive or a .pt dict, in the order they are looked for.
+IMAGE_KEYS = ("images", "x")
+LABEL_KEYS = ("labels", "y")
+#: PIL modes read as one grey channel; 16-bit ("I;16", "I") and float ("F") are refused.
+_GREY_MODES = {"1", "L", "LA"}
+_DEEP_MODES = ("I", "F")
+#: Channel counts of image formats (grey, RGB, RGBA). A 4-D array with more channels than that
+#: on its second axis and one of these on its last is channels-last (N, H, W, C), which would
+#: otherwise be read as (N, C, H, W) silently: many channels of images 1 to 4 pixels wide.
+_FORMAT_CHANNELS = (1, 3, 4)
+
+
+class DataError(ValueError):
+    """Data that cannot be used as it is: one line naming the file or dataset and what to change."""
+
+
+@dataclass(frozen=True)
+class RawData:
+    """Data as read. ``values``: ``(N, C, H, W)`` images or ``(N, D)`` vectors, ``uint8``
+    (0..255) or ``float32``; ``labels``: ``int64`` ``(N,)`` or ``None``; ``classes``: the
+    class names that labels index, where the source names them."""
+
+    values: torch.Tensor
+    labels: torch.Tensor | None = None
+    classes: list[str] | None = None
+
+    def __len__(self) -> int:
+        return self.values.shape[0]
+
+
+def is_path_like(spec: str) -> bool:
+    """Whether ``spec`` names a path rather than a dataset: it has a path separator, an
+    array file's suffix, or names something that exists. Reads nothing but a ``stat``."""
+    if not spec:
+        return False
+    separators = [os.sep] + ([os.altsep] if os.altsep else [])
+    return (any(s in spec for s in separators) or Path(spec).suffix.lower() in ARRAY_SUFFIXES
+            or Path(spec).expanduser().exists())
+
+
+def read_path(path: str | Path, image_size: int = 0) -> RawData:
+    """Read a folder of images or an array file (see the module's docstring).
+
+    :param image_size: resize every image to ``image_size`` x ``image_size`` (0: keep the
+        size, which must then be the same for all); unused for array files.
+    :raises DataError: a missing path, an unreadable or malformed file, unusable shapes.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"{path} does not exist; give a folder of images or a .npy, .npz or .pt file")
+    if path.is_dir():
+        return read_folder(path, image_size)
+    if path.suffix.lower() in ARRAY_SUFFIXES and path.is_file():
+        return read_array(path)
+    raise DataError(f"{path} is neither a folder of images nor a .npy, .npz or .pt file")
+
+
+# --- folders of image files -------------------------------------------------------------------
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def _images_under(folder: Path) -> list[Path]:
+    """Image files anywhere below ``folder``, sorted; hidden files and folders skipped."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(root) / f for f in sorted(files) if _is_image(Path(f))]
+    return found
+
+
+def _list_images(folder: Path) -> tuple[list[Path], list[int] | None, list[str] | None]:
+    """The image files of ``folder``, their class indices and the class names (or ``None``
+    twice for a flat folder)."""
+    try:
+        entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    except OSError as error:
+        raise DataError(f"{folder} cannot be read ({error.strerror or error})") from None
+    files = [p for p in entries if p.is_file() and _is_image(p)]
+    subfolders = [p for p in entries if p.is_dir()]
+    if files:
+        nested = next((d for d in subfolders if _images_under(d)), None)
+        if nested is not None:
+            raise DataError(f"{folder} holds both image files ({files[0].name}) and a class folder with images "
+                            f"({nested.name}/); put every image in a class folder, or none")
+        return files, None, None
+    if not subfolders:
+        others = [p.name for p in entries if p.is_file()]
+        found = f" (it holds {len(others)} other files, e.g. {others[0]})" if others else ""
+        raise DataError(f"{folder} holds no image files ({', '.join(IMAGE_SUFFIXES)}), neither directly nor in "
+                        f"class sub-folders{found}")
+    labels = []
+    for index, subfolder in enumerate(subfolders):
+        images = _images_under(subfolder)
+        if not images:  # its class index would name no image: a mislabelled class is worse than a refusal
+            raise DataError(f"class folder {subfolder} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+        files += images
+        labels += [index] * len(images)
+    return files, labels, [d.name for d in subfolders]
+
+
+def _decode(file: Path, image_size: int) -> np.ndarray:
+    """One image file as ``uint8`` ``(H, W, C)``, C = 1 (grey) or 3 (RGB)."""
+    from PIL import Image  # Pillow comes with matplotlib; imported here, only where images are read
+
+    try:
+        with Image.open(file) as image:
+            if image.mode.startswith(_DEEP_MODES):
+                raise DataError(f"{file}: {image.mode} images (16-bit or float) are not supported; "
+                                "save them as 8-bit grey or RGB")
+            mode = "L" if image.mode in _GREY_MODES else "RGB"
+            if image.mode != mode:  # converting to the same mode would copy every image once more
+                image = image.convert(mode)
+            if image_size:
+                image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+            array = np.asarray(image)
+    except DataError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as error:  # UnidentifiedImageError is an OSError
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0] or type(error).__name__
+        raise DataError(f"{file} cannot be read as an image ({reason})") from None
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def read_folder(folder: str | Path, image_size: int = 0) -> RawData:
+    """Decode every image of ``folder`` into one ``uint8`` ``(N, C, H, W)`` tensor.
+
+    All images must have one size unless ``image_size > 0`` resizes them (bilinear, to a
+    square: the aspect ratio is not kept); otherwise the first two files of different sizes
+    are named. Files are read in sorted order, so the same folder gives the same tensor.
+    """
+    folder = Path(folder)
+    files, labels, classes = _list_images(folder)
+    stacked = None
+    for i, file in enumerate(files):
+        array = _decode(file, image_size)
+        if stacked is None:  # filled in place: a list of arrays and a stack would hold the data twice
+            stacked, first = np.empty((len(files), *array.shape), dtype=np.uint8), file
+        elif array.shape[:2] != stacked.shape[1:3]:
+            (h1, w1), (h2, w2) = stacked.shape[1:3], array.shape[:2]
+            raise DataError(f"images of different sizes: {first} is {w1}x{h1}, {file} is {w2}x{h2} (width x height); "
+                            "resize them to one size, or set data.image_size")
+        elif array.shape[2] > stacked.shape[3]:  # the first colour image among grey ones: all become RGB
+            stacked = np.repeat(stacked, array.shape[2], axis=3)
+        stacked[i] = array  # a grey (H, W, 1) image broadcasts to RGB
+    values = torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()
+    return RawData(values, None if labels is None else torch.tensor(labels, dtype=torch.int64), classes)
+
+
+# --- array files --------------------------------------------------------------------------------
+def _pick(mapping, keys: tuple[str, ...], path: Path, required: bool):
+    found = [key for key in keys if key in mapping]
+    if len(found) > 1:
+        raise DataError(f"{path} has both {found[0]!r} and {found[1]!r}; keep one of them")
+    if found:
+        return mapping[found[0]]
+    if required:
+        raise DataError(f"{path} has no {' or '.join(map(repr, keys))} (it has {sorted(map(str, mapping))}); "
+                        f"store the images as {keys[0]!r} and optional labels as {LABEL_KEYS[0]!r}")
+    return None
+
+
+def _load(path: Path):
+    """(values, labels or None) as the file stores them (NumPy arrays or tensors)."""
+    try:
+        if path.suffix.lower() == ".pt":
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(loaded, torch.Tensor):
+                return loaded, None
+            if isinstance(loaded, dict):
+                return _pick(loaded, IMAGE_KEYS, path, True), _pick(loaded, LABEL_KEYS, path, False)
+            raise DataError(f"{path} holds a {type(loaded).__name__}; expected a tensor, or a dict with "
+                            f"{IMAGE_KEYS[0]!r} (or {IMAGE_KEYS[1]!r}) and optional {LABEL_KEYS[0]!r} (or {LABEL_KEYS[1]!r})")
+        loaded = np.load(path, allow_pickle=False)  # no pickled objects: loading runs no code
+        if isinstance(loaded, np.ndarray):
+            return loaded, None
+        with loaded:  # an .npz archive: read the arrays before it closes
+            values, labels = _pick(loaded, IMAGE_KEYS, path, True), _pick(loaded, LABEL_KEYS, path, False)
+            return np.asarray(values), None if labels is None else np.asarray(labels)
+    except DataError:
+        raise
+    except OSError as error:
+        raise DataError(f"{path} cannot be read ({error.strerror or error})") from None
+    except Exception as error:  # any failure to parse a file means the same to a user: not this format
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"{path} is not a valid {path.suffix.lower()} file ({reason})") from None
+
+
+def _as_tensor(array, path: Path, what: str) -> torch.Tensor:
+    """A NumPy array or tensor of real numbers (bool, integers, floats) as a tensor of its type."""
+    if isinstance(array, np.ndarray):
+        if array.dtype.kind not in "biuf":
+            raise DataError(f"{path}: the {what} are of type {array.dtype}; expected numbers (integers or floats)")
+        array = torch.from_numpy(np.ascontiguousarray(array))
+    if not isinstance(array, torch.Tensor):
+        raise DataError(f"{path}: the {what} are a {type(array).__name__}; expected an array or a tensor")
+    if array.is_complex():
+        raise DataError(f"{path}: the {what} are complex numbers; expected real numbers")
+    return array
+
+
+def _as_items(values: torch.Tensor, path: Path) -> torch.Tensor:
+    """``(N, H, W)`` -> ``(N, 1, H, W)``; ``(N, C, H, W)`` and ``(N, D)`` as they are."""
+    shape = tuple(values.shape)
+    if values.dim() not in (2, 3, 4):
+        raise DataError(f"{path}: an array of shape {shape}; expected images (N, H, W) or (N, C, H, W), "
+                        "or vectors (N, D)")
+    if 0 in shape:
+        raise DataError(f"{path}: an array of shape {shape} holds no data")
+    if values.dim() == 4 and shape[1] > max(_FORMAT_CHANNELS) and shape[3] in _FORMAT_CHANNELS:
+        raise DataError(f"{path}: shape {shape} looks channels-last (N, H, W, C); store images as (N, C, H, W), "
+                        "e.g. numpy.transpose(images, (0, 3, 1, 2))")
+    return values.unsqueeze(1) if values.dim() == 3 else values
+
+
+def _as_labels(labels, n: int, path: Path) -> torch.Tensor:
+    labels = _as_tensor(labels, path, "labels")
+    if tuple(labels.shape) != (n,):
+        raise DataError(f"{path}: labels of shape {tuple(labels.shape)} for {n} items; expected one label each, ({n},)")
+    if labels.is_floating_point() and not (torch.isfinite(labels).all() and torch.equal(labels, labels.round())):
+        raise DataError(f"{path}: labels must be whole numbers (class indices)")
+    return labels.to(torch.int64)
+
+
+def read_array(path: str | Path) -> RawData:
+    """Read an ``.npy``, ``.npz`` or ``.pt`` file (see the module's docstring)."""
+    path = Path(path)
+    values, labels = _load(path)
+    values = _as_tensor(values, path, "values")
+    values = values if values.dtype == torch.uint8 else values.to(torch.float32)  # uint8 means 0..255
+    values = _as_items(values, path).contiguous()
+    return RawData(values, None if labels is None else _as_labels(labels, len(values), path))
