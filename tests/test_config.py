@@ -11,6 +11,14 @@ def test_default_config_file_matches_built_in_defaults():
     assert load_config(CONFIGS / "default.toml") == Config()
 
 
+def test_default_config_file_lists_every_key():
+    from pyro_vae.config import tomllib  # tomli on Python 3.10
+
+    written = tomllib.loads((CONFIGS / "default.toml").read_text())
+    assert {section: sorted(keys) for section, keys in written.items()} == \
+        {section: sorted(keys) for section, keys in Config().to_dict().items()}
+
+
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     load_config(path)
