@@ -163,8 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(ce, "with --train: the data (shorthand for --set data.dataset=...); with RUN_DIR: "
                       + _RUN_DATA_HELP)
 
-    plot = commands.add_parser("plot", help="write the figures of a run as PNG files", description="Reconstructions, prior samples, latent space, manifold (2-D z) and training curves, as PNG files in the run folder.")
+    plot = commands.add_parser("plot", help="write the figures of a run as PNG files", description="Reconstructions, prior samples, latent space, manifold (2-D z), latent traversals (images) and training curves, as PNG files in the run folder.")
     plot.add_argument("run_dir", metavar="RUN_DIR")
+    plot.add_argument("--embedding", choices=["pca", "tsne"], default="pca",
+                      help="how a latent space of more than 2 dimensions is drawn: pca (default, fast) or tsne "
+                           "(t-SNE, needs scikit-learn)")
     _add_data_dir(plot, _RUN_DATA_HELP)
     return parser
 
@@ -329,7 +332,11 @@ def _plot(args) -> int:
     vae, _, test = _trained_and_test(args)
     metrics = Path(args.run_dir) / METRICS_NAME
     history = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-    for name, figure in make_figures(vae, test.images, test.labels, history).items():
+    try:
+        figures = make_figures(vae, test.images, test.labels, history, embedding=args.embedding)
+    except ImportError as error:  # t-SNE without scikit-learn
+        raise ConfigError(f"--embedding {args.embedding}: {error}") from None
+    for name, figure in figures.items():
         path = Path(args.run_dir) / f"{name}.png"
         figure.savefig(path, dpi=110)
         print(path)

@@ -167,13 +167,93 @@ def principal_components(z: torch.Tensor, k: int = 2) -> tuple[torch.Tensor, tor
     return centered @ v[:k].T, share[:k]
 
 
+#: How a latent space of more than two dimensions is drawn in the plane.
+EMBEDDINGS = ("pca", "tsne")
+
+
+def embed_latents(z: torch.Tensor, method: str = "pca", seed: int = 0) -> tuple[torch.Tensor, str, tuple[str, str]]:
+    """Two-dimensional coordinates of latent means ``z`` ``(N, z_dim)``, a title naming the
+    method, and axis labels.
+
+    ``"pca"``: the first two principal components (fast; linear, so clusters that differ in
+    other directions overlap). ``"tsne"``: a t-SNE embedding (van der Maaten & Hinton 2008, as
+    Pyro's VAE example draws), which keeps neighbourhoods rather than distances; it needs
+    scikit-learn and takes seconds for a few thousand points.
+    """
+    if method == "pca":
+        projected, share = principal_components(z)
+        return (projected, f"first two principal components of {z.shape[1]}",
+                (f"PC1 ({share[0]:.0%} of variance)", f"PC2 ({share[1]:.0%})"))
+    if method == "tsne":
+        try:
+            from sklearn.manifold import TSNE
+        except ImportError:
+            raise ImportError("the t-SNE embedding needs scikit-learn: pip install scikit-learn") from None
+        points = z.detach().cpu().double().numpy()
+        tsne = TSNE(n_components=2, init="pca", random_state=seed, perplexity=min(30.0, (len(points) - 1) / 3))
+        return (torch.as_tensor(tsne.fit_transform(points), dtype=torch.float32),
+                f"t-SNE embedding of {z.shape[1]} dimensions", ("t-SNE 1", "t-SNE 2"))
+    raise ValueError(f"unknown embedding {method!r}; choose one of {list(EMBEDDINGS)}")
+
+
+@torch.no_grad()
+def informative_dimensions(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Latent dimensions ordered from the most informative: ``(order, score, what the score is)``.
+
+    The score is the mean KL(q(z_d|x) || p(z_d)) over ``images`` where it splits over
+    dimensions (diagonal Gaussian posterior and prior), else the variance of E[z_d|x] across
+    the images (the activity of Burda et al. 2015).
+    """
+    from .elbo import kl_per_dimension
+
+    q = vae.encode(images)
+    kl = kl_per_dimension(q, vae.prior())
+    score, what = (kl.mean(0), "KL") if kl is not None else (q.mean.var(0), "Var E[z|x]")
+    return score.argsort(descending=True), score, what
+
+
+@torch.no_grad()
+def plot_latent_traversals(vae, image: torch.Tensor, dims, scores=None, what: str = "KL", steps: int = 9,
+                           span: float = 3.0) -> Figure:
+    """Decoded means as one latent dimension at a time moves around the encoding of ``image``
+    (``(C, H, W)``) while the others stay fixed: row ``i`` varies ``dims[i]`` over
+    ``E[z_d|x] + t * std_p(z_d)`` for ``t`` from ``-span`` to ``span``, the picture of
+    beta-VAE papers (Higgins et al. 2017; Burgess et al. 2018). ``scores`` label the rows.
+    """
+    dims = [int(d) for d in dims]
+    z0 = vae.encode(image.unsqueeze(0)).mean[0]
+    scale = vae.prior().stddev.reshape(-1)
+    offsets = torch.linspace(-span, span, steps, device=z0.device)
+    z = z0.repeat(len(dims), steps, 1)
+    for row, d in enumerate(dims):
+        z[row, :, d] = z0[d] + offsets * scale[d]
+    decoded = vae.decode(z.reshape(-1, z0.shape[-1])).mean
+    fig = Figure(figsize=(steps * 0.7 + 1.6, len(dims) * 0.7 + 0.8), layout="constrained")
+    ax = fig.add_subplot()
+    _show(ax, _tile(decoded, steps))
+    ax.set_axis_on()
+    height = image.shape[-2] + 1
+    ax.set_yticks([row * height + (height - 1) / 2 for row in range(len(dims))])
+    ax.set_yticklabels([f"z{d + 1}" + ("" if scores is None else f" ({what} {float(scores[d]):.2g})") for d in dims])
+    ax.set_xticks([col * (image.shape[-1] + 1) + image.shape[-1] / 2 for col in range(steps)])
+    ax.set_xticklabels([f"{t:+.1f}" for t in offsets.tolist()])
+    ax.set_xlabel("E[z_d|x] + t x prior std (others fixed)")
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_title("latent traversals around one test image, most informative dimensions first")
+    return fig
+
+
 @torch.no_grad()
 def make_figures(vae, images: torch.Tensor, labels: torch.Tensor | None, history: list[dict],
-                 seed: int = 0) -> dict[str, Figure]:
+                 seed: int = 0, embedding: str = "pca", traversal_dims: int = 10) -> dict[str, Figure]:
     """All figures of a run, by file stem: reconstructions, samples, latent space, manifold
-    (when z is 2-D and the data are images) and training curves. ``images`` are held-out data
-    as the model sees them, ``(N, C, H, W)`` or vectors ``(N, D)``, on ``vae``'s device;
-    ``labels`` ``(N,)`` colour the latent space (``None``: no labels).
+    (when z is 2-D and the data are images), latent traversals (images) and training curves.
+    ``images`` are held-out data as the model sees them, ``(N, C, H, W)`` or vectors
+    ``(N, D)``, on ``vae``'s device; ``labels`` ``(N,)`` colour the latent space (``None``:
+    no labels). ``embedding`` (:func:`embed_latents`) draws a latent space of more than two
+    dimensions; ``traversal_dims``: the rows of the traversal figure (the most informative).
 
     The samples are drawn from torch's generators seeded with ``seed`` inside
     :func:`~pyro_vae.seeding.seeded`: the same seed draws the same samples, and the caller's
@@ -198,11 +278,13 @@ def make_figures(vae, images: torch.Tensor, labels: torch.Tensor | None, history
         if images.dim() > 2:  # a grid of decoded images
             figures["manifold"] = plot_manifold(vae)
     else:
-        projected, share = principal_components(z_loc)
+        embedded = z_loc[:2000] if embedding == "tsne" else z_loc  # t-SNE grows faster than linearly
+        projected, what, axes = embed_latents(embedded, embedding, seed)
         figures["latent_space"] = plot_latent_scatter(
-            projected, shown, f"latent means E[z|x], first two principal components of {z_loc.shape[1]}",
-            (f"PC1 ({share[0]:.0%} of variance)", f"PC2 ({share[1]:.0%})"),
-        )
+            projected, None if shown is None else shown[: len(projected)], f"latent means E[z|x], {what}", axes)
+    if images.dim() > 2:
+        order, scores, what = informative_dimensions(vae, images[:1000])
+        figures["latent_traversals"] = plot_latent_traversals(vae, images[0], order[:traversal_dims], scores, what)
     if history:
         figures["training_curves"] = plot_training_curves(history)
     return figures

@@ -188,6 +188,7 @@ REFUSED = {
                                ["plugin", "nowhere.py"]),
     "plot-plugin-missing": pytest.param(["plot", "{run}", "--plugin", "{tmp}/nowhere.py"], ["plugin", "nowhere.py"],
                                         marks=mnist),
+    "plot-embedding-unknown": (["plot", "{norun}", "--embedding", "umap"], ["--embedding", "umap", "tsne"]),
     "plugin-folder": pytest.param(["evaluate", "{run}", "--plugin", "{dir}"], ["plugin"], marks=mnist),
     "resume-epochs-already-done": pytest.param(["train", "--resume", "{run}", "--epochs", "1"],
                                                ["--epochs 1", "already trained 1 epochs"], marks=mnist),

@@ -20,11 +20,12 @@ from pyro_vae.plotting import (
     plot_rate_distortion,
     principal_components,
 )
+from pyro_vae.plotting import embed_latents, informative_dimensions, plot_latent_traversals
 
 
 @pytest.mark.parametrize("z_dim, expected", [
-    (2, {"reconstructions", "samples", "latent_space", "manifold", "training_curves"}),
-    (5, {"reconstructions", "samples", "latent_space", "training_curves"}),
+    (2, {"reconstructions", "samples", "latent_space", "manifold", "latent_traversals", "training_curves"}),
+    (5, {"reconstructions", "samples", "latent_space", "latent_traversals", "training_curves"}),
 ])
 def test_make_figures(splits, z_dim, expected):
     vae = build_vae(load_config(None, {"model.z_dim": z_dim, "model.hidden_dim": 8}).model, (1, 8, 8))
@@ -162,3 +163,45 @@ def test_latent_scatter_gives_every_class_its_own_colour(num_classes, colorbar):
 def test_latent_scatter_names_the_classes():
     figure = plot_latent_scatter(torch.zeros(3, 2), torch.tensor([2, 0, 2]), "z", class_names=["a", "b", "c"])
     assert [t.get_text() for t in figure.axes[1].get_yticklabels()] == ["a", "c"]
+
+
+def test_latent_traversals_vary_one_dimension_per_row_most_informative_first(splits):
+    torch.manual_seed(0)
+    vae = build_vae(load_config(None, {"model.z_dim": 4, "model.hidden_dim": 8}).model, (1, 8, 8))
+    with torch.no_grad():  # make dimension 2 carry the most information, dimension 0 the least
+        vae.encoder.loc.weight.mul_(torch.tensor([0.01, 1.0, 30.0, 3.0]).unsqueeze(1))
+    order, scores, what = informative_dimensions(vae, splits.test.images)
+    assert what == "KL" and order.tolist()[:2] == [2, 3]
+    assert (scores[order[:-1]] >= scores[order[1:]]).all()
+    figure = plot_latent_traversals(vae, splits.test.images[0], order[:3], scores, what, steps=5)
+    image = figure.axes[0].images[0].get_array()
+    assert image.shape == (3 * 9 - 1, 5 * 9 - 1)  # 3 rows of 5 images of 8 x 8, 1-pixel gutters
+    labels = [t.get_text() for t in figure.axes[0].get_yticklabels()]
+    assert labels[0].startswith("z3 (KL") and labels[1].startswith("z4 (KL")
+    # in each row only that dimension moves: the first row's images differ from each other
+    first_row = torch.as_tensor(image[:8])
+    assert not torch.equal(first_row[:, :8], first_row[:, -8:])
+
+
+@pytest.mark.parametrize("method, title", [("pca", "principal components"), ("tsne", "t-SNE")])
+def test_latent_space_embeddings_name_themselves(splits, method, title):
+    vae = build_vae(load_config(None, {"model.z_dim": 5, "model.hidden_dim": 8}).model, (1, 8, 8))
+    figure = make_figures(vae, splits.test.images, splits.test.labels, [], embedding=method)["latent_space"]
+    assert title in figure.axes[0].get_title()
+    points, _, _ = embed_latents(torch.randn(40, 5), method)
+    assert points.shape == (40, 2)
+
+
+def test_tsne_without_scikit_learn_is_one_clear_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_sklearn(name, *args, **kwargs):
+        if name.startswith("sklearn"):
+            raise ImportError("No module named 'sklearn'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_sklearn)
+    with pytest.raises(ImportError, match="pip install scikit-learn"):
+        embed_latents(torch.randn(10, 3), "tsne")
