@@ -84,7 +84,7 @@ def _add_device(parser):
                         help="where the model and each batch go (default auto: CUDA if available, else CPU)")
 
 
-def _add_data_dir(parser, data_help: str):
+def _add_data_options(parser, data_help: str):
     parser.add_argument(
         "--data-dir", metavar="DIR",
         help=f"folder holding the torchvision datasets, e.g. MNIST/raw/... (default: ${DATA_ENV}, else ./data, where "
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     _add_device(train)
-    _add_data_dir(train, "the data: a torchvision name (mnist, fashion_mnist, ...), a folder of images or a "
+    _add_data_options(train, "the data: a torchvision name (mnist, fashion_mnist, ...), a folder of images or a "
                          ".npy/.npz/.pt file (shorthand for --set data.dataset=...); with --resume, where the run's "
                          "data is now")
 
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=_seed, default=0, help=f"seed of the importance samples (0 to {MAX_SEED}; default 0)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_device(ev)
-    _add_data_dir(ev, _RUN_DATA_HELP)
+    _add_data_options(ev, _RUN_DATA_HELP)
 
     ce = commands.add_parser(
         "compare-elbo", help="compare ELBO estimators on a run, or train once per estimator",
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("--num-samples", "-k", type=_integer(1), metavar="K",
                     help=f"with --train: importance samples of the final evaluation (default {_COMPARE_DEFAULTS['num_samples']})")
     ce.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_data_dir(ce, "with --train: the data (shorthand for --set data.dataset=...); with RUN_DIR: "
+    _add_data_options(ce, "with --train: the data (shorthand for --set data.dataset=...); with RUN_DIR: "
                       + _RUN_DATA_HELP)
 
     plot = commands.add_parser("plot", help="write the figures of a run as PNG files", description="Reconstructions, prior samples, latent space, manifold (2-D z), latent traversals (images) and training curves, as PNG files in the run folder.")
@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--embedding", choices=["pca", "tsne"], default="pca",
                       help="how a latent space of more than 2 dimensions is drawn: pca (default, fast) or tsne "
                            "(t-SNE, needs scikit-learn)")
-    _add_data_dir(plot, _RUN_DATA_HELP)
+    _add_data_options(plot, _RUN_DATA_HELP)
     return parser
 
 

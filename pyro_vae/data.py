@@ -25,7 +25,7 @@ import torch
 from .config import ConfigError, DataConfig
 from .sources import DataError, RawData, is_path_like, read_path
 
-__all__ = ["DATASETS", "DataError", "DataNotFoundError", "ImageData", "Splits", "load_data", "load_splits",
+__all__ = ["DATASETS", "DataError", "DataNotFoundError", "ImageData", "Splits", "load_data", "load_splits", "from_tensors",
            "check_source", "check_likelihood_range", "check_dataset_config", "binarize", "binarize_once",
            "prepare", "iterate_batches", "resolve_data_dir"]
 
@@ -69,7 +69,6 @@ DATASETS = {
                                   tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",), 50_000),
     "cifar100": TorchvisionDataset("CIFAR100", "cifar-100-python", ("train", "test", "meta"), 50_000),
 }
-NUM_TRAIN_IMAGES = {name: dataset.num_train for name, dataset in DATASETS.items()}
 
 
 class DataNotFoundError(FileNotFoundError):

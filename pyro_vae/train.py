@@ -42,7 +42,7 @@ CONFIG_NAME = "config.toml"
 
 
 class TrainingDiverged(FloatingPointError):
-    """The loss or the gradient became NaN or infinite; nothing of the step was saved."""
+    """The loss, a gradient or a weight became NaN or infinite; nothing of the step was saved."""
 
 
 def learning_rate(config, epoch: int) -> float:
@@ -170,8 +170,8 @@ def fit(
     is lost) and returns with ``completed=False``; in a process group, all ranks stop after
     the same step.
 
-    :raises TrainingDiverged: a step's loss or gradient is NaN or infinite. The step is not
-        taken and nothing is saved, so the last checkpoint (of a finished epoch) stays intact.
+    :raises TrainingDiverged: a step's loss, gradient or resulting weights are NaN or infinite.
+        The step is not taken (or, for weights, not saved), so the last checkpoint stays intact.
     :raises DiskFullError: a file of ``run_dir`` could not be written for lack of space; the
         checkpoint of the last epoch saved before stays intact and resumable.
 
@@ -355,10 +355,9 @@ def check_data(config: Config, splits: Splits, likelihood=None) -> None:
     the one ``config.model`` names. A head of one's own without ``accepts`` is taken at its word.
     """
     named = LIKELIHOODS.get(config.model.likelihood)
-    if likelihood is None:
-        likelihood = named
-    name = config.model.likelihood if type(likelihood) is named or likelihood is named else type(likelihood).__name__
-    accepts = getattr(likelihood, "accepts", None)
+    cls = named if likelihood is None else type(likelihood)
+    name = config.model.likelihood if cls is named else cls.__name__
+    accepts = getattr(cls if likelihood is None else likelihood, "accepts", None)
     if accepts is not None:
         check_likelihood_range(splits.train.images, accepts, config.data.binarize, name)
 
