@@ -26,7 +26,7 @@ from .config import ConfigError, DataConfig
 from .sources import DataError, RawData, is_path_like, read_path
 
 __all__ = ["DATASETS", "DataError", "DataNotFoundError", "ImageData", "Splits", "load_data", "load_splits", "from_tensors",
-           "check_source", "check_likelihood_range", "check_dataset_config", "binarize", "binarize_once",
+           "check_source", "check_likelihood_range", "check_dataset_config", "binarize", "binarize_fast", "binarize_once",
            "prepare", "iterate_batches", "resolve_data_dir"]
 
 #: Environment variable naming the folder that holds ``MNIST/raw/...`` and friends.
@@ -411,8 +411,20 @@ def check_likelihood_range(images: torch.Tensor, accepts: str, binarize: str, li
 
 
 def binarize(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One Bernoulli draw per pixel, with the grey value as its probability."""
+    """One Bernoulli draw per pixel, with the grey value as its probability (``torch.bernoulli``).
+
+    Used for the fixed binarizations (:func:`binarize_once`): the held-out images every
+    evaluation of this package has scored. Training's fresh draws use :func:`binarize_fast`.
+    """
     return torch.bernoulli(images, generator=generator)
+
+
+def binarize_fast(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The same distribution as :func:`binarize` (pixel = 1 with probability its grey value),
+    drawn as ``uniform < grey``: about half the time of ``torch.bernoulli`` on a CPU, and it
+    runs for every batch of a dynamically binarized run (other draws than :func:`binarize`'s)."""
+    uniform = torch.rand(images.shape, generator=generator, dtype=images.dtype, device=images.device)
+    return (uniform < images).to(images.dtype)
 
 
 def binarize_once(data: ImageData, seed: int = EVAL_BINARIZATION_SEED) -> ImageData:
@@ -442,4 +454,4 @@ def iterate_batches(
     """
     for step, begin in enumerate(range(start * batch_size, images.shape[0], batch_size), start):
         batch = images[order[begin : begin + batch_size]]
-        yield step, binarize(batch, generator) if dynamic else batch
+        yield step, binarize_fast(batch, generator) if dynamic else batch
