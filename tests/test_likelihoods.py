@@ -40,6 +40,11 @@ def test_bernoulli_saturated_logits_stay_finite_and_match_torch(grad):
     torch.testing.assert_close(ours, torch.distributions.Bernoulli(logits=logits).log_prob(x))
     with pytest.raises(ValueError):  # Pyro's validation still refuses grey pixels
         BernoulliLogits(logits=logits).log_prob(torch.full((4,), 0.5))
+    # without validation a grey value is scored as torch scores it, not by the binary-only identity
+    grey = torch.full((4,), 0.25)
+    with torch.set_grad_enabled(grad):
+        unchecked = BernoulliLogits(logits=logits, validate_args=False).log_prob(grey)
+    torch.testing.assert_close(unchecked, torch.distributions.Bernoulli(logits=logits, validate_args=False).log_prob(grey))
 
 
 def test_continuous_bernoulli_includes_its_normalizing_constant():
