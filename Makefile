@@ -6,7 +6,7 @@ CONFIG ?= configs/default.toml
 RUN ?= runs/$(basename $(notdir $(CONFIG)))
 PYTEST_ARGS ?=
 
-.PHONY: install train test test-seeds notebooks bench bench-distributed clean
+.PHONY: install train test test-seeds notebooks bench bench-distributed tensorboard clean
 
 # Re-install when the dependency list or the pinned versions change.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -42,6 +42,10 @@ bench: install
 # Images per second with 1 and 2 processes (torchrun, gloo; idle machine!).
 bench-distributed: install
 	$(BIN)/python benchmarks/distributed.py
+
+# Watch a run trained with --tensorboard (train.tensorboard = true): make tensorboard RUN=runs/NAME
+tensorboard: install
+	$(BIN)/tensorboard --logdir $(RUN)/tensorboard
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

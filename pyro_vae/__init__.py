@@ -13,11 +13,13 @@ Parts of one's own (see :mod:`pyro_vae.components` for the contracts)::
 
     @register_likelihood("poisson")
     class Poisson(torch.nn.Module): ...  # then model.likelihood = "poisson" in a config
+
+Guide families q(z|x) likewise (``register_guide``, ``model.guide``): ``"gaussian"`` or ``"iaf"``.
 """
 
 from .checkpoint import CheckpointError, load_checkpoint, load_run, save_checkpoint
-from .components import (ComponentError, has_closed_form_kl, load_plugins, register_likelihood, register_networks,
-                         register_prior)
+from .components import (ComponentError, has_closed_form_kl, load_plugins, register_guide, register_likelihood,
+                         register_networks, register_prior)
 from .config import Config, ConfigError, load_config, save_config
 from .data import DataError, DataNotFoundError, ImageData, Splits, check_source, from_tensors, load_data, load_splits
 from .elbo import evaluate, importance_sampled, make_elbo, mean_elbo
@@ -55,6 +57,7 @@ __all__ = [
     "from_tensors",
     "make_elbo",
     "mean_elbo",
+    "register_guide",
     "register_likelihood",
     "register_networks",
     "register_prior",

@@ -31,7 +31,7 @@ BUILT_FROM_CONFIG, BUILT_BY_HAND = "config", "hand"
 
 def training_state(*, config: dict, image_shape, model: dict, optimizer: dict, rng: dict, epoch: int, step: int,
                    history: list, order=None, partial=None, data: dict | None = None, plugins=(),
-                   built: str = BUILT_FROM_CONFIG) -> dict:
+                   built: str = BUILT_FROM_CONFIG, snapshots: dict | None = None) -> dict:
     """The checkpoint's layout, in one place: everything needed to resume or reload a run.
 
     :param config: the run's config as a dict (``Config.to_dict()``).
@@ -46,11 +46,16 @@ def training_state(*, config: dict, image_shape, model: dict, optimizer: dict, r
         tensors handed to ``fit`` without a source.
     :param plugins: the ``--plugin`` modules or files that registered the run's components.
     :param built: :data:`BUILT_FROM_CONFIG` or :data:`BUILT_BY_HAND`.
+    :param snapshots: a small picture of each finished epoch, for ``pyro-vae plot``'s
+        ``training.gif`` (:class:`pyro_vae.monitor.Monitor`): ``{"inputs": uint8 images,
+        "frames": [{"epoch", "reconstructions", "samples"}, ...]}``; ``None`` for vector data.
+        Kept here, not in a file beside, so that it always matches the weights: a resumed run
+        ends with the snapshots of an uninterrupted one. Checkpoints written before it lack it.
     """
     return {
         "config": config, "image_shape": list(image_shape), "model": model, "optimizer": optimizer, "rng": rng,
         "epoch": epoch, "step": step, "order": order, "partial": partial, "history": history,
-        "data": data, "plugins": list(plugins), "built": built,
+        "data": data, "plugins": list(plugins), "built": built, "snapshots": snapshots,
     }
 
 

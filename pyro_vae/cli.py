@@ -19,10 +19,11 @@ from .checkpoint import (CHECKPOINT_NAME, CheckpointError, DiskFullError, RunExi
 from .config import MAX_SEED, ConfigError, from_dict, load_config, parse_override
 from .components import has_closed_form_kl, load_plugins
 from .data import DATA_ENV, DataError, DataNotFoundError, check_source, load_data, prepare
-from .compare import DEFAULT_ESTIMATORS
+from .compare import DEFAULT_ESTIMATORS, DEFAULT_TRAINING_ESTIMATORS
 from .distributed import (DEVICES, DistributedError, is_communication_error, launched_world_size, resolve_device, setup,
                           teardown)
 from .elbo import evaluate
+from .monitor import TensorBoardMissing, require_tensorboard
 from .train import METRICS_NAME, TrainingDiverged, check_data, fit, resumed_config
 
 # Exit statuses (README, "Command line"): each says what happened without reading stderr.
@@ -122,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=_output_folder, metavar="RUN_DIR", help="run folder to create (default: runs/<config name>)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    train.add_argument("--tensorboard", action="store_true", default=None,
+                       help="write each epoch's scalars and images to RUN_DIR/tensorboard (shorthand for --set "
+                            "train.tensorboard=true; needs pip install 'pyro-vae[tensorboard]')")
     _add_device(train)
     _add_data_options(train, "the data: a torchvision name (mnist, fashion_mnist, ...), a folder of images or a "
                          ".npy/.npz/.pt file (shorthand for --set data.dataset=...); with --resume, where the run's "
@@ -143,8 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "repeats, gradient variance and SNR, time per step). With --train: train one config once per "
                     "estimator, same epochs and seed, and compare learning curves and test log-likelihoods.")
     ce.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a trained run (without --train)")
-    ce.add_argument("--estimators", nargs="+", metavar="NAME[:K]", default=list(DEFAULT_ESTIMATORS),
-                    help=f"estimators, with K particles for iwae (default: {' '.join(DEFAULT_ESTIMATORS)})")
+    ce.add_argument("--estimators", nargs="+", metavar="NAME[:K]", default=None,
+                    help=f"estimators, with K particles for iwae and iwae_dreg (default: {' '.join(DEFAULT_ESTIMATORS)}; "
+                         f"with --train: {' '.join(DEFAULT_TRAINING_ESTIMATORS)})")
     # Flags of one mode default to None, so that one given in the other mode can be refused.
     ce.add_argument("--repeats", type=_integer(1), metavar="R",
                     help=f"with RUN_DIR: passes over the test images per estimator (default {_COMPARE_DEFAULTS['repeats']})")
@@ -163,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(ce, "with --train: the data (shorthand for --set data.dataset=...); with RUN_DIR: "
                       + _RUN_DATA_HELP)
 
-    plot = commands.add_parser("plot", help="write the figures of a run as PNG files", description="Reconstructions, prior samples, latent space, manifold (2-D z), latent traversals (images) and training curves, as PNG files in the run folder.")
+    plot = commands.add_parser("plot", help="write the figures of a run as PNG files", description="Reconstructions, prior samples, latent space, manifold (2-D z), latent traversals (images) and training curves, as PNG files in the run folder, and training.gif (images): one frame per epoch of reconstructions and samples.")
     plot.add_argument("run_dir", metavar="RUN_DIR")
     plot.add_argument("--embedding", choices=["pca", "tsne"], default="pca",
                       help="how a latent space of more than 2 dimensions is drawn: pca (default, fast) or tsne "
@@ -176,13 +181,13 @@ def _shorthands(args):
     return (
         ("train.epochs", args.epochs), ("train.seed", args.seed), ("data.train_limit", args.train_limit),
         ("model.likelihood", args.likelihood), ("model.prior", args.prior), ("objective.beta", args.beta),
-        ("data.dataset", args.data),
+        ("data.dataset", args.data), ("train.tensorboard", args.tensorboard),
     )
 
 
 _SHORTHAND_FLAGS = {"train.epochs": "--epochs", "train.seed": "--seed", "data.train_limit": "--train-limit",
                     "model.likelihood": "--likelihood", "model.prior": "--prior", "objective.beta": "--beta",
-                    "data.dataset": "--data"}
+                    "data.dataset": "--data", "train.tensorboard": "--tensorboard"}
 
 
 def _overrides(args, shorthands=None) -> dict:
@@ -241,6 +246,8 @@ def _train_on(runtime, args) -> int:
         run_dir = Path(args.out) if args.out else Path("runs") / (Path(args.config).stem if args.config else "default")
         if (run_dir / CHECKPOINT_NAME).exists():
             raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+    if config.train.tensorboard:
+        require_tensorboard()  # one line before the data is read, not after
     splits = _run_data(config, args, checkpoint)
     check_data(config, splits)  # a mismatch is one line before a model is even built
     try:
@@ -340,7 +347,33 @@ def _plot(args) -> int:
         path = Path(args.run_dir) / f"{name}.png"
         figure.savefig(path, dpi=110)
         print(path)
+    _write_training_gif(Path(args.run_dir))
     return 0
+
+
+#: The animation of a run, one frame per epoch, that ``plot`` writes beside the figures.
+TRAINING_GIF = "training.gif"
+#: 4 frames a second: a 60-epoch run plays in 15 s, slow enough to follow one digit.
+GIF_FRAMES_PER_SECOND = 4
+
+
+def _write_training_gif(run_dir: Path) -> None:
+    """``training.gif`` from the snapshots in the run's checkpoint, or a one-line note why not."""
+    from matplotlib.animation import PillowWriter
+
+    from .plotting import animate_training
+
+    state = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    snapshots = state.get("snapshots")
+    if snapshots is None or not snapshots["frames"]:
+        why = ("its data are vectors, and the animation draws images" if len(state["image_shape"]) == 1
+               else "no epoch has finished" if snapshots is not None
+               else "it was trained before runs kept a snapshot of each epoch")
+        print(f"note: no {TRAINING_GIF}: {why}", file=sys.stderr)
+        return
+    path = run_dir / TRAINING_GIF
+    animate_training(snapshots, state["history"]).save(path, writer=PillowWriter(fps=GIF_FRAMES_PER_SECOND))
+    print(path)
 
 
 def _write_records(records: list[dict], stem: Path) -> None:
@@ -377,6 +410,9 @@ def _check_compare_elbo(args, parse_estimator) -> None:
     for name, value in _COMPARE_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    args.default_estimators = args.estimators is None  # defaults a run cannot use are left out, with a note
+    if args.estimators is None:
+        args.estimators = list(DEFAULT_TRAINING_ESTIMATORS if args.train else DEFAULT_ESTIMATORS)
     seen = {}
     for spec in args.estimators:
         try:
@@ -390,6 +426,8 @@ def _check_compare_elbo(args, parse_estimator) -> None:
 
 def _compare_elbo(args) -> int:
     from .compare import compare_estimators, parse_estimator, train_side_by_side
+    from .guides import GUIDES
+    from .priors import PRIORS
     from .plotting import plot_estimator_comparison, plot_learning_curves
 
     _check_compare_elbo(args, parse_estimator)
@@ -397,6 +435,10 @@ def _compare_elbo(args) -> int:
         plugins = load_plugins(args.plugin)  # before the config: it may name what they register
         overrides = _overrides(args, [("train.epochs", args.epochs), ("data.dataset", args.data)])
         config = load_config(args.config, overrides)
+        if args.default_estimators and not has_closed_form_kl(PRIORS[config.model.prior], GUIDES[config.model.guide]):
+            args.estimators = [e for e in args.estimators if parse_estimator(e)[0] != "analytic"]
+            print(f"note: guide {config.model.guide!r} and prior {config.model.prior!r} have no closed-form KL; "
+                  "leaving out 'analytic'", file=sys.stderr)
         for spec in args.estimators:  # every variant must be a valid config before any trains
             name, k = parse_estimator(spec)
             config.replace(**{"objective.elbo": name, "objective.num_particles": k})
@@ -413,11 +455,13 @@ def _compare_elbo(args) -> int:
         raise ConfigError("compare-elbo needs RUN_DIR, or --train to train one run per estimator")
     vae, config, test = _trained_and_test(args)
     estimators = list(args.estimators)
-    if not has_closed_form_kl(vae.prior_net) and any(parse_estimator(e)[0] == "analytic" for e in estimators):
+    if not has_closed_form_kl(vae.prior_net, vae.guide_net) and any(parse_estimator(e)[0] == "analytic"
+                                                                    for e in estimators):
         estimators = [e for e in estimators if parse_estimator(e)[0] != "analytic"]
+        pair = f"guide {config.model.guide!r} and prior {config.model.prior!r}"
         if not estimators:
-            raise ConfigError(f"--estimators: nothing left to compare without 'analytic' on prior {config.model.prior!r}")
-        print(f"note: prior {config.model.prior!r} has no closed-form KL; leaving out 'analytic'", file=sys.stderr)
+            raise ConfigError(f"--estimators: nothing left to compare without 'analytic', which {pair} lack")
+        print(f"note: {pair} have no closed-form KL; leaving out 'analytic'", file=sys.stderr)
     images = _first(test.images, args.limit, "--limit", config.data.dataset)
     records = compare_estimators(vae, images, estimators, repeats=args.repeats, grad_samples=args.grad_samples)
     stem = Path(args.run_dir) / "elbo_comparison"
@@ -435,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DataError, DataNotFoundError, CheckpointError, RunExistsError) as error:
+    except (ConfigError, DataError, DataNotFoundError, CheckpointError, RunExistsError, TensorBoardMissing) as error:
         print(f"pyro-vae: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingDiverged as error:

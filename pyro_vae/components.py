@@ -1,7 +1,8 @@
-"""Parts of one's own: register a likelihood, a prior or networks by name; load plugins.
+"""Parts of one's own: register a likelihood, a prior, a guide family or networks by name; load plugins.
 
 A registered name is valid wherever a built-in one is: in a config (``model.likelihood``,
-``model.prior``, ``model.arch``), on the command line, and in :func:`pyro_vae.load_run`.
+``model.prior``, ``model.guide``, ``model.arch``), on the command line, and in
+:func:`pyro_vae.load_run`.
 The contract a part must meet is written once, in the docstring of its register function;
 what can be checked without data is checked there, and a part that breaks it is refused with
 one line (:class:`ComponentError`) when it is registered, not with an ``AttributeError`` later.
@@ -14,7 +15,8 @@ Every part is an ``nn.Module`` class. Its constructor's arguments are of two kin
   ``encoder``, ``data_domain``, ``hidden_dim``, ``num_layers`` (see each function);
 - **options**, every other argument: each has a default of type ``int``, ``float``, ``bool``
   or ``str``, and that type is the option's type. A config sets them by name
-  (``model.likelihood_options``, ``model.prior_options``) and they are type-checked against
+  (``model.likelihood_options``, ``model.prior_options``, ``model.guide_options``) and they
+  are type-checked against
   the default before anything trains. An optional class attribute ``option_bounds`` maps a
   numeric option to ``(lower bound, whether the bound itself is allowed)``.
 
@@ -61,6 +63,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError
+from .guides import GUIDES, DiagonalGaussian
 from .likelihoods import LIKELIHOODS
 from .networks import ARCHITECTURES
 from .priors import PRIORS
@@ -75,6 +78,7 @@ OPTION_TYPES = (bool, int, float, str)
 MODEL_ARGUMENTS = {
     "likelihood": (("image_shape",), ()),
     "prior": (("z_dim",), ("encoder", "image_shape", "data_domain")),
+    "guide": (("z_dim",), ()),
     "networks": (("image_shape", "z_dim"), ("hidden_dim", "num_layers")),
 }
 
@@ -175,7 +179,7 @@ def _check_forward(kind: str, name: str, cls, label: str, arguments: int) -> Non
     try:
         inspect.signature(cls.forward).bind(None, *[None] * arguments)
     except TypeError:
-        wanted = "no arguments" if arguments == 0 else "one argument"
+        wanted = {0: "no arguments", 1: "one argument", 2: "two arguments (z_loc, z_scale)"}[arguments]
         _refuse(kind, name, f"{label}.forward must take {wanted}; its signature is "
                             f"{inspect.signature(cls.forward)}")
 
@@ -314,9 +318,14 @@ def register_networks(name: str, encoder: type, decoder: type, *, replace: bool 
       refused for networks that take no ``num_layers``); any other argument needs a default
       (networks have no config options);
     - encoder ``forward(x)``: ``x`` of shape ``(B, *image_shape)`` -> ``(z_loc, z_scale)``, each
-      ``(B, z_dim)``, ``z_scale > 0`` (the guide is ``Normal(z_loc, z_scale).to_event(1)``);
+      ``(B, z_dim)``, ``z_scale > 0`` (the guide family, ``model.guide``, turns them into q(z|x);
+      the default is ``Normal(z_loc, z_scale).to_event(1)``);
     - decoder ``forward(z)``: ``z`` of shape ``(..., z_dim)`` (any leading dimensions:
-      importance sampling adds one) -> features ``(..., *image_shape)`` for the likelihood.
+      importance sampling adds one) -> features ``(..., *image_shape)`` for the likelihood;
+    - optionally, a decoder property ``output_bias``: the parameter added last to the features,
+      of shape ``(prod(image_shape),)`` or ``(C,)`` (one per channel), which
+      ``model.init_output_bias`` sets from the training data (see
+      :func:`pyro_vae.model.init_output_bias`); a config asking for it is refused without it.
 
     Networks that work only for images or only for vectors should refuse the other kind in
     their constructor by raising :class:`pyro_vae.config.ConfigError` with one line.
@@ -335,6 +344,60 @@ def register_networks(name: str, encoder: type, decoder: type, *, replace: bool 
     return encoder, decoder
 
 
+def register_guide(name: str, cls: type | None = None, *, replace: bool = False):
+    """Register a guide family q(z|x) under ``name`` (``model.guide``), as a decorator or a call::
+
+        @register_guide("planar")
+        class PlanarFlowGuide(nn.Module): ...
+
+        register_guide("planar", PlanarFlowGuide)
+
+    The encoder gives ``(z_loc, z_scale)``; the family turns them into q(z|x). The contract of
+    the class:
+
+    - an ``nn.Module`` subclass (its parameters train with the encoder's);
+    - constructor ``__init__(self, z_dim, **options)``; every other argument is an option with
+      an ``int``, ``float``, ``bool`` or ``str`` default (``model.guide_options``); optional
+      ``option_bounds``;
+    - ``forward(z_loc, z_scale)``, each ``(B, z_dim)``, ``z_scale > 0``: a
+      ``pyro.distributions`` distribution with ``batch_shape == (B,)`` and
+      ``event_shape == (z_dim,)``, which
+
+      * draws reparameterized samples (``has_rsample``: training differentiates through them),
+      * gives the exact ``log_prob`` of its own samples (the importance weights of evaluation)
+        and of any other ``z`` (estimators that score a detached copy of the sample, such as
+        STL and DReG: a flow must invert, as Pyro's autoregressive transforms do),
+      * has a ``mean``, or is a ``TransformedDistribution`` of a distribution with one: that
+        gives the deterministic code of reconstructions and plots (:meth:`pyro_vae.VAE.code`).
+
+    Whether ``objective.elbo = "analytic"`` works with it is derived, per prior, from torch's
+    KL registry (:func:`has_closed_form_kl`): a flow has no closed-form KL, so the config is
+    refused. To skip the derivation, set the class attribute ``has_closed_form_kl = True`` or
+    ``False``. :func:`pyro_vae.build_vae` checks shapes, sampling, scoring and the code once,
+    on a datum of zeros.
+
+    :param name: a plain identifier; valid in configs (``model.guide``) once registered.
+    :param cls: the class; omitted, the function returns a decorator.
+    :param replace: allow replacing a different family already registered under ``name``.
+    :returns: ``cls`` (or the decorator).
+    :raises ComponentError: the class breaks the contract, or the name is taken.
+    """
+    _check_name("guide", name)
+
+    def register(cls):
+        label = _check_module_class("guide", name, cls)
+        declared = getattr(cls, "has_closed_form_kl", None)
+        if declared is not None and not isinstance(declared, bool):
+            _refuse("guide", name, f"{label}.has_closed_form_kl is {declared!r}; leave it out (it is derived) "
+                                   "or set True or False")
+        _check_constructor("guide", name, cls, label)
+        _check_forward("guide", name, cls, label, 2)
+        _add("guide", GUIDES, name, cls, replace)
+        return cls
+
+    return register if cls is None else register(cls)
+
+
 # -- capabilities derived, not declared ------------------------------------------------------
 
 #: The datum shape and latent size at which a prior class is built to derive its capabilities.
@@ -342,33 +405,48 @@ _PROBE_IMAGE_SHAPE, _PROBE_Z_DIM = (1, 4, 4), 2
 
 
 @functools.lru_cache(maxsize=None)
-def _class_has_closed_form_kl(cls) -> bool:
+def _class_has_closed_form_kl(cls, guide=DiagonalGaussian) -> bool:
     from .networks import MLPEncoder
 
     given = {"z_dim": _PROBE_Z_DIM, "image_shape": _PROBE_IMAGE_SHAPE, "data_domain": "unit_interval"}
-    try:
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
         # a private random stream: building draws initial values, which must not move the caller's
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        q = _probe_guide(guide)
+        try:
             given["encoder"] = MLPEncoder(_PROBE_IMAGE_SHAPE, _PROBE_Z_DIM, 8)
             prior = cls(**{k: given[k] for k in model_arguments(cls, "prior")})
-            return _kl_is_registered(prior())
-    except Exception as error:  # a user's prior may raise anything; say which and how to skip it
+            prior_distribution = prior()
+        except Exception as error:  # a user's prior may raise anything; say which and how to skip it
+            raise ComponentError(
+                f"prior {cls.__qualname__}: building it (z_dim = {_PROBE_Z_DIM}) to derive whether its KL has a "
+                f"closed form raised {type(error).__name__}: {' '.join(str(error).split())}; set the class "
+                "attribute has_closed_form_kl = True or False to skip this") from None
+        return _kl_is_registered(prior_distribution, q=q)
+
+
+def _probe_guide(cls):
+    """The distribution a guide family class gives at z_dim = 2, z_loc = 0, z_scale = 1."""
+    try:
+        guide = cls(z_dim=_PROBE_Z_DIM)
+        return guide(torch.zeros(1, _PROBE_Z_DIM), torch.ones(1, _PROBE_Z_DIM))
+    except Exception as error:
         raise ComponentError(
-            f"prior {cls.__qualname__}: building it (z_dim = {_PROBE_Z_DIM}) to derive whether its KL has a closed "
+            f"guide {cls.__qualname__}: building it (z_dim = {_PROBE_Z_DIM}) to derive whether its KL has a closed "
             f"form raised {type(error).__name__}: {' '.join(str(error).split())}; set the class attribute "
             "has_closed_form_kl = True or False to skip this") from None
 
 
-def _kl_is_registered(prior_distribution, like: torch.Tensor | None = None) -> bool:
-    """Whether torch's KL registry has a rule for KL(diagonal Gaussian || ``prior_distribution``).
+def _kl_is_registered(prior_distribution, like: torch.Tensor | None = None, q=None) -> bool:
+    """Whether torch's KL registry has a rule for KL(``q`` || ``prior_distribution``).
 
-    The Gaussian is the guide's family, ``Normal(z_loc, z_scale).to_event(1)``, on the device
-    and with the dtype of ``like`` (a parameter of the prior; CPU float32 without one).
+    ``q`` defaults to the diagonal Gaussian guide, ``Normal(z_loc, z_scale).to_event(1)``, on
+    the device and with the dtype of ``like`` (a parameter of the prior; CPU float32 without one).
     """
-    z_dim = prior_distribution.event_shape[-1] if prior_distribution.event_shape else 1
-    like = torch.zeros(()) if like is None else like
-    loc = torch.zeros(z_dim, dtype=like.dtype, device=like.device)
-    q = dist.Normal(loc, torch.ones_like(loc)).to_event(1)
+    if q is None:
+        z_dim = prior_distribution.event_shape[-1] if prior_distribution.event_shape else 1
+        like = torch.zeros(()) if like is None else like
+        loc = torch.zeros(z_dim, dtype=like.dtype, device=like.device)
+        q = dist.Normal(loc, torch.ones_like(loc)).to_event(1)
     try:
         torch.distributions.kl_divergence(q, prior_distribution)
     except NotImplementedError:  # what kl_divergence raises for a pair without a rule
@@ -376,29 +454,50 @@ def _kl_is_registered(prior_distribution, like: torch.Tensor | None = None) -> b
     return True
 
 
-def has_closed_form_kl(prior) -> bool:
+def has_closed_form_kl(prior, guide=None) -> bool:
     """Whether KL(q(z|x) || p(z)) has a closed form: whether torch's KL registry
-    (``torch.distributions.kl.register_kl``) has a rule for the guide's diagonal Gaussian
+    (``torch.distributions.kl.register_kl``) has a rule for the guide family's distribution
     against the distribution the prior returns. ``objective.elbo = "analytic"`` needs one.
 
     :param prior: a prior class (built once, at z_dim = 2, with a private random stream; the
         answer is cached) or a prior module (its ``forward()`` is evaluated).
-    :returns: the class attribute ``has_closed_form_kl`` where a prior declares one (an
-        override), else the answer derived from the registry.
-    :raises ComponentError: a prior class cannot be built with its default options.
+    :param guide: a guide family class (built likewise, at ``z_loc = 0``, ``z_scale = 1``) or
+        module (evaluated there); ``None``: the diagonal Gaussian.
+    :returns: the class attribute ``has_closed_form_kl`` where the guide family declares one,
+        else where a prior declares one (about the diagonal Gaussian, or ``False``), else the
+        answer derived from the registry.
+    :raises ComponentError: a prior or guide class cannot be built with its default options.
 
+    >>> from pyro_vae.guides import InverseAutoregressiveFlow
     >>> from pyro_vae.priors import Mixture, StandardNormal
     >>> has_closed_form_kl(StandardNormal), has_closed_form_kl(Mixture)
     (True, False)
+    >>> has_closed_form_kl(StandardNormal, InverseAutoregressiveFlow)
+    False
     """
-    declared = getattr(prior, "has_closed_form_kl", None)
+    declared = getattr(guide, "has_closed_form_kl", None)
     if isinstance(declared, bool):
+        return declared
+    gaussian = guide is None or guide is DiagonalGaussian or isinstance(guide, DiagonalGaussian)
+    declared = getattr(prior, "has_closed_form_kl", None)
+    if isinstance(declared, bool) and (gaussian or not declared):
         return declared
     if isinstance(prior, nn.Module):
         tensors = [t for t in (*prior.parameters(), *prior.buffers()) if t.is_floating_point()]
-        with torch.no_grad():
-            return _kl_is_registered(prior(), tensors[0] if tensors else None)
-    return _class_has_closed_form_kl(prior)
+        # a private random stream: building a guide family draws its initial weights
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            prior_distribution = prior()
+            q = None
+            if not gaussian:
+                z_dim = prior_distribution.event_shape[-1]
+                like = tensors[0] if tensors else torch.zeros(())
+                guide_module = guide if isinstance(guide, nn.Module) else guide(z_dim=z_dim)
+                loc = torch.zeros(1, z_dim, dtype=like.dtype, device=like.device)
+                q = guide_module(loc, torch.ones_like(loc))
+            return _kl_is_registered(prior_distribution, tensors[0] if tensors else None, q=q)
+    if isinstance(guide, nn.Module):
+        guide = type(guide)
+    return _class_has_closed_form_kl(prior, DiagonalGaussian if gaussian else guide)
 
 
 # -- plugins ---------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import typing
@@ -58,7 +59,7 @@ class ModelConfig:
     arch: str = "mlp"
     z_dim: int = 50
     hidden_dim: int = 400
-    #: Hidden layers in each of the encoder and the decoder ("mlp" only).
+    #: Hidden layers in each of the encoder and the decoder ("mlp" and "gated_mlp").
     num_layers: int = 1
     likelihood: str = "bernoulli"
     #: Keyword options of the likelihood, e.g. {scale = 0.1} for "gaussian".
@@ -66,11 +67,18 @@ class ModelConfig:
     prior: str = "standard_normal"
     #: Keyword options of the prior, e.g. {num_components = 50} for "mixture" and "vamp".
     prior_options: dict = field(default_factory=dict)
+    #: The family of q(z|x): "gaussian" (diagonal), or "iaf" (inverse autoregressive flows).
+    guide: str = "gaussian"
+    #: Keyword options of the guide family, e.g. {num_flows = 2, hidden_dim = 0} for "iaf".
+    guide_options: dict = field(default_factory=dict)
+    #: Start the decoder's output bias at the link of the mean training datum: the logit of
+    #: the mean pixel for logit features (Burda et al. 2015); false: the default initialization.
+    init_output_bias: bool = False
 
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    #: "mc": Trace_ELBO (sampled KL); "analytic": TraceMeanField_ELBO (closed-form KL).
+    #: "mc": Trace_ELBO (sampled KL); "analytic": closed-form KL; "iwae"; "stl"; "iwae_dreg": see make_elbo.
     elbo: str = "mc"
     #: Weight of the KL term (a beta-VAE for beta != 1), applied with poutine.scale.
     beta: float = 1.0
@@ -97,6 +105,9 @@ class TrainConfig:
     #: with another ``epochs`` sets it to the run's original length, so no epoch's rate moves.
     lr_schedule_epochs: int = 0
     seed: int = 0
+    #: Write each epoch's scalars and image grids for TensorBoard to RUN/tensorboard (needs the
+    #: optional tensorboard package: pip install 'pyro-vae[tensorboard]'). Changes no number.
+    tensorboard: bool = False
 
 
 @dataclass(frozen=True)
@@ -127,6 +138,7 @@ def _choices() -> dict[str, list[str]]:
     # Imported here: the registries live beside the code they name, and config must stay
     # importable without pulling in torchvision at module import.
     from .elbo import ELBOS
+    from .guides import GUIDES
     from .likelihoods import LIKELIHOODS
     from .networks import ARCHITECTURES
     from .priors import PRIORS
@@ -136,6 +148,7 @@ def _choices() -> dict[str, list[str]]:
         "model.arch": sorted(ARCHITECTURES),
         "model.likelihood": sorted(LIKELIHOODS),
         "model.prior": sorted(PRIORS),
+        "model.guide": sorted(GUIDES),
         "objective.elbo": sorted(ELBOS),
         "objective.beta_schedule": ["constant", "cyclical", "warmup"],
         "train.lr_schedule": ["constant", "cosine"],
@@ -275,6 +288,7 @@ def _check_components(config: Config) -> None:
     """The parts the model names (built-in or registered, see :mod:`pyro_vae.components`):
     their options, and what they need of the data and the objective."""
     from .components import ComponentError, has_closed_form_kl, model_arguments, option_bounds, options_of
+    from .guides import GUIDES
     from .likelihoods import LIKELIHOODS
     from .networks import ARCHITECTURES
     from .priors import PRIORS
@@ -290,6 +304,12 @@ def _check_components(config: Config) -> None:
                    options_of(likelihood, "likelihood"), option_bounds(likelihood), model.likelihood_options)
     _check_options("model.prior_options", f"prior {model.prior!r}",
                    options_of(prior, "prior"), option_bounds(prior), model.prior_options)
+    guide = GUIDES[model.guide]
+    _check_options("model.guide_options", f"guide {model.guide!r}",
+                   options_of(guide, "guide"), option_bounds(guide), model.guide_options)
+    _check_guide_builds(model)
+    if model.init_output_bias:
+        _check_output_bias(model)
     # Pyro's Bernoulli only accepts 0/1 observations, and the torchvision datasets are grey:
     # refusing here gives one clear line before anything is read. Data of one's own may be
     # binary already; its values are checked when it is read (pyro_vae.train.check_data).
@@ -320,6 +340,74 @@ def _check_components(config: Config) -> None:
             f"objective.elbo = 'analytic' needs a closed-form KL, which model.prior = "
             f"{model.prior!r} lacks; use objective.elbo = 'mc', or a prior among {suggestions}"
         )
+
+    def pair_closed(guide_cls) -> bool:
+        try:
+            return has_closed_form_kl(prior, guide_cls)
+        except ComponentError:
+            return False
+
+    if config.objective.elbo == "analytic" and model.guide != "gaussian":
+        try:
+            closed_pair = has_closed_form_kl(prior, guide)
+        except ComponentError as error:
+            raise ConfigError(f"model.guide = {model.guide!r}: {error}") from None
+        if not closed_pair:
+            suggestions = sorted(name for name, cls in GUIDES.items() if pair_closed(cls))
+            raise ConfigError(
+                f"objective.elbo = 'analytic' needs a closed-form KL, which model.guide = {model.guide!r} lacks "
+                f"against model.prior = {model.prior!r}; use objective.elbo = 'mc' or 'iwae', or a guide among "
+                f"{suggestions}"
+            )
+
+
+def _check_guide_builds(model: ModelConfig) -> None:
+    """A guide family needs only ``z_dim`` and its options, so it is built here (with a private
+    random stream): options that fit their bounds but not the latent size (an IAF narrower than
+    z_dim) are refused before any data is read. A combination that built is not built again."""
+    from .guides import GUIDES
+
+    _guide_builds(GUIDES[model.guide], model.guide, model.z_dim, tuple(sorted(model.guide_options.items())))
+
+
+@functools.lru_cache(maxsize=64)
+def _guide_builds(cls, name: str, z_dim: int, options: tuple) -> bool:
+    import torch
+
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            cls(z_dim=z_dim, **dict(options))
+    except ConfigError:
+        raise
+    except Exception as error:  # a family of one's own may raise anything: one line naming it
+        raise ConfigError(f"model.guide = {name!r} with model.guide_options = {dict(options)}: building it raised "
+                          f"{type(error).__name__}: {' '.join(str(error).split())}") from None
+    return True
+
+
+def _check_output_bias(model: ModelConfig) -> None:
+    """``model.init_output_bias`` needs a decoder with an ``output_bias`` and a likelihood whose
+    mean is the sigmoid of the features, or the features themselves (a derived link)."""
+    import torch
+
+    from .likelihoods import make_likelihood
+    from .model import likelihood_link
+    from .networks import ARCHITECTURES
+
+    decoder = ARCHITECTURES[model.arch][1]
+    if not hasattr(decoder, "output_bias"):
+        raise ConfigError(f"model.init_output_bias = true: the decoder of model.arch = {model.arch!r} has no "
+                          "output_bias to set; leave it false")
+    shape = (1, 4, 4)  # a probe datum; the link does not depend on its size
+    try:
+        with torch.random.fork_rng(devices=[]):
+            link = likelihood_link(make_likelihood(model.likelihood, shape, **model.likelihood_options), shape)
+    except Exception:  # a likelihood of one's own that cannot be built here: its link is unknown
+        link = None
+    if link is None:
+        raise ConfigError(f"model.init_output_bias = true needs a likelihood whose mean is sigmoid(features) "
+                          f"(logits, as for 'bernoulli') or the features themselves (as for 'gaussian'); that of "
+                          f"model.likelihood = {model.likelihood!r} is neither: leave it false")
 
 
 def _check_options(key: str, owner: str, defaults: dict, bounds: dict, options: dict) -> None:

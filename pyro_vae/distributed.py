@@ -142,7 +142,9 @@ class SharedNoise(Messenger):
 
     Only the guide's draw is replaced: the model's latent site is replayed from the guide.
     The site must be a (possibly independent-wrapped) Normal inside the data plate, the
-    rightmost batch dimension.
+    rightmost batch dimension, or a ``TransformedDistribution`` of one (a flow guide): its
+    base's noise is drawn so, and pushed through the transforms as its ``rsample`` does (which
+    also leaves each transform's cache holding the draw, so scoring it needs no inversion).
     """
 
     def __init__(self, site: str, begin: int, end: int, total: int):
@@ -153,12 +155,23 @@ class SharedNoise(Messenger):
         if msg["name"] != self.site or msg["is_observed"] or msg["value"] is not None:
             return
         fn = msg["fn"]
-        data_dim = len(fn.batch_shape) - 1  # the data plate is the rightmost batch dimension
+        # the data plate is the rightmost batch dimension of the site; a base distribution may
+        # hold more of its dimensions as batch, but the leading ones are the same
+        data_dim = len(fn.batch_shape) - 1
+        transforms = []
+        # flows nest: the base of a TransformedDistribution may be one too; rsample applies the
+        # innermost transforms first
+        while isinstance(fn, torch.distributions.TransformedDistribution):
+            transforms = list(fn.transforms) + transforms
+            fn = fn.base_dist
         shape = list(fn.batch_shape + fn.event_shape)
         shape[data_dim] = self.total
         eps = torch.empty(shape, dtype=fn.mean.dtype, device=fn.mean.device).normal_()
         # the same arithmetic as torch's Normal.rsample, so the values match bit for bit
-        msg["value"] = fn.mean + eps.narrow(data_dim, self.begin, self.end - self.begin) * fn.stddev
+        value = fn.mean + eps.narrow(data_dim, self.begin, self.end - self.begin) * fn.stddev
+        for transform in transforms:
+            value = transform(value)
+        msg["value"] = value
 
 
 class ELBOLoss(nn.Module):

@@ -1,11 +1,15 @@
 """ELBO estimators by name, and evaluation: the ELBO and the importance-sampled log-likelihood.
 
-Training uses Pyro's estimators (:func:`make_elbo`). Evaluation computes per-image numbers
-from the VAE's own densities (``encode``, ``decode``, ``prior``), in chunks, without gradients.
+Training uses the estimators of :func:`make_elbo`: Pyro's, the IWAE bound, and two with less
+noisy guide gradients (``stl``, ``iwae_dreg``). Evaluation computes per-image numbers from the
+VAE's own densities (``encode``, ``decode``, ``prior``), in chunks, without gradients.
 
 References:
     Burda, Grosse & Salakhutdinov (2015), Importance Weighted Autoencoders: the
     importance-sampled estimate of log p(x) used to compare VAEs (with K = 5000).
+    Roeder, Wu & Duvenaud (2017), Sticking the Landing (``stl``).
+    Tucker, Lawson, Gu & Maddison (2018), Doubly Reparameterized Gradient Estimators for Monte
+    Carlo Objectives (``iwae_dreg``).
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from typing import NamedTuple
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions.util import scale_and_mask
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
 from .seeding import seeded
@@ -64,31 +70,181 @@ class IWAE_ELBO:
             return self.differentiable_loss(model, guide, *args, **kwargs).item()
 
 
+class _DetachedScores(NamedTuple):
+    """The guide's draw and both programs' log-densities at a detached copy of it."""
+
+    z: torch.Tensor  # the latent site's reparameterized draw, its graph to the guide's parameters kept
+    z0: torch.Tensor  # the same values as a leaf that requires grad: the densities are scored there
+    log_p: torch.Tensor  # log p(x, z0), shape (K, B), scaled and masked as the model's sites
+    log_q: torch.Tensor  # log q(z0|x), shape (K, B), scaled and masked as the guide's site
+
+
+def _score_at_detached_draws(model, guide, num_particles: int, max_plate_nesting: int, args,
+                             kwargs) -> _DetachedScores:
+    """Draw K particles from the guide, then score model and guide at ``z0 = z.detach()``.
+
+    The model is replayed at ``z0``, so its parameters get gradients at fixed z; ``log q(z0|x)``
+    is the guide site's own distribution (``site["fn"]``, whatever its family) at ``z0``, so
+    the guide's parameters reach the loss only through what the caller does with ``z``. For
+    a flow guide ``fn.log_prob(z0)`` misses Pyro's transform cache (keyed on the drawn tensor,
+    not on a copy) and inverts the flow: right, and slower (for an autoregressive flow, one
+    network pass per latent dimension).
+    """
+    with pyro.plate("iwae_particles", num_particles, dim=-(max_plate_nesting + 1)):
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        latents = [(name, site) for name, site in guide_trace.nodes.items()
+                   if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)]
+        # A second latent site's distribution may depend on the first draw, which would then
+        # have to be replayed at z0 too; the VAEs here have one.
+        if len(latents) != 1:
+            raise ValueError(f"path-derivative estimators take a guide with one latent site; got "
+                             f"{[name for name, _ in latents]}")
+        (name, site), = latents
+        if not site["fn"].has_rsample:
+            raise ValueError(f"path-derivative estimators need a reparameterized guide; site {name!r} draws from "
+                             f"{type(site['fn']).__name__}, which has no rsample")
+        z = site["value"]
+        z0 = z.detach().requires_grad_(torch.is_grad_enabled())
+        replayed = guide_trace.copy()  # a copy of the node table: the guide's own node keeps z
+        replayed.nodes[name] = {**site, "value": z0}
+        model_trace = poutine.trace(poutine.replay(model, trace=replayed)).get_trace(*args, **kwargs)
+    model_trace.compute_log_prob()
+    log_p = sum(s["log_prob"] for s in model_trace.nodes.values() if s["type"] == "sample")
+    log_q = scale_and_mask(site["fn"].log_prob(z0, *site["args"], **site["kwargs"]), site["scale"], site["mask"])
+    return _DetachedScores(z, z0, log_p, log_q)
+
+
+def _path_derivative_loss(scores: _DetachedScores, model_weights: torch.Tensor, path_weights: torch.Tensor,
+                          bound: torch.Tensor) -> torch.Tensor:
+    """``-bound`` in value; in gradient, ``-sum(model_weights * grad log p(x, z0))`` for the
+    model's parameters and ``-sum(path_weights * d log w / dz) dz/dphi`` for the guide's.
+
+    ``log w = log p(x, z0) - log q(z0|x)``. Its gradient in ``z0`` is taken here and detached,
+    so ``log q``'s own dependence on the guide's parameters (the score-function term) never
+    reaches the loss, and ``g . z`` carries ``g dz/dphi`` to them; the model's parameters see
+    ``log p`` at fixed ``z0``. A parameter that the model and the guide share (a VampPrior's
+    encoder) gets both parts. The weights, shape (K, B), must be detached.
+    """
+    surrogate = -(model_weights * scores.log_p).sum()
+    log_w = scores.log_p - scores.log_q
+    # Without autograd (evaluation) the value is all; a fully masked objective (beta = 0 and
+    # reconstruction_weight = 0) leaves log w without a graph, and the guide nothing to learn.
+    if torch.is_grad_enabled() and log_w.requires_grad:
+        # retain_graph: the surrogate backpropagates through log p(x, z0) once more
+        (g,) = torch.autograd.grad((path_weights * log_w).sum(), [scores.z0], retain_graph=True, allow_unused=True)
+        if g is not None:
+            surrogate = surrogate - (g * scores.z).sum()
+    return surrogate - surrogate.detach() - bound.detach()
+
+
+class STL_ELBO:
+    """The ELBO with the "sticking the landing" gradient of Roeder, Wu & Duvenaud (2017).
+
+    Value: ``-(1/K) sum_k log w_k`` summed over the batch, ``log w_k = log p(x, z_k) -
+    log q(z_k|x)``, ``z_k ~ q(z|x)`` reparameterized: ``Trace_ELBO``'s estimate on the same
+    draws. Gradient: ``Trace_ELBO``'s without the score-function term ``-grad_phi log q_phi(z)``
+    at fixed z, whose expectation is zero; the guide's parameters get only the path derivative
+    ``(1/K) sum_k d log w_k / dz_k dz_k/dphi``. The same expectation, and none of the noise that
+    term adds: with the exact posterior as guide, ``log w`` is constant in z and the guide's
+    gradient is exactly zero on every draw. Any reparameterized guide with one latent site;
+    site scales (beta) and masks apply as in the ELBO.
+
+    :param num_particles: K, the draws per datapoint, as one vectorized batch.
+    :param max_plate_nesting: plates in the model; the particles get the next dimension left.
+
+    References:
+        Roeder, Wu & Duvenaud (2017), Sticking the Landing: Simple, Lower-Variance Gradient
+        Estimators for Variational Inference.
+    """
+
+    def __init__(self, num_particles: int = 1, max_plate_nesting: int = 1):
+        self.num_particles = num_particles
+        self.max_plate_nesting = max_plate_nesting
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        scores = _score_at_detached_draws(model, guide, self.num_particles, self.max_plate_nesting, args, kwargs)
+        uniform = torch.full_like(scores.log_p, 1.0 / self.num_particles)
+        bound = (scores.log_p - scores.log_q).sum() / self.num_particles
+        return _path_derivative_loss(scores, uniform, uniform, bound)
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        with torch.no_grad():
+            return self.differentiable_loss(model, guide, *args, **kwargs).item()
+
+
+class DReG_IWAE_ELBO:
+    """The IWAE bound with the doubly reparameterized gradient of Tucker, Lawson, Gu & Maddison.
+
+    Value: :class:`IWAE_ELBO`'s bound ``log (1/K) sum_k w_k`` per datapoint, summed over the
+    batch. Gradient, with normalized weights ``w~_k = w_k / sum_j w_j``: the model's parameters
+    get IWAE's own ``sum_k w~_k grad_theta log p(x, z_k)``; the guide's get ``sum_k w~_k^2
+    d log w_k / dz_k dz_k/dphi``, the path derivative with squared weights. It equals IWAE's
+    guide gradient ``sum_k w~_k (d log w_k / dz_k dz_k/dphi - grad_phi log q_phi(z_k))`` in
+    expectation: reparameterizing the score term once more gives ``E[sum_k w~_k grad_phi log
+    q_phi(z_k)] = E[sum_k (w~_k - w~_k^2) d log w_k / dz_k dz_k/dphi]``, since ``dw~_k / dz_k =
+    (w~_k - w~_k^2) d log w_k / dz_k``; and it drops that term's noise. IWAE's guide gradient
+    has a signal-to-noise ratio that falls as O(1/sqrt(K)) (Rainforth et al. 2018); this one's
+    rises, asymptotically as O(sqrt(K)) (not monotonically: ``tests/test_gradient_estimators.py``
+    measured a dip between K = 1 and 100). Any reparameterized guide with one latent site; site
+    scales (beta) and masks apply to the log weights as in the ELBO.
+
+    :param num_particles: K, the importance samples per datapoint.
+    :param max_plate_nesting: plates in the model; the particles get the next dimension left.
+
+    References:
+        Tucker, Lawson, Gu & Maddison (2018), Doubly Reparameterized Gradient Estimators for
+        Monte Carlo Objectives (ICLR 2019).
+        Rainforth et al. (2018), Tighter Variational Bounds are Not Necessarily Better.
+    """
+
+    def __init__(self, num_particles: int = 5, max_plate_nesting: int = 1):
+        self.num_particles = num_particles
+        self.max_plate_nesting = max_plate_nesting
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        scores = _score_at_detached_draws(model, guide, self.num_particles, self.max_plate_nesting, args, kwargs)
+        log_w = (scores.log_p - scores.log_q).detach()
+        weights = log_w.softmax(0)  # w~_k of each datapoint, over its particles
+        bound = (log_w.logsumexp(0) - math.log(self.num_particles)).sum()
+        return _path_derivative_loss(scores, weights, weights**2, bound)
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        with torch.no_grad():
+            return self.differentiable_loss(model, guide, *args, **kwargs).item()
+
+
 # Pyro's JIT variants are not offered: on a 784-400-50 MLP VAE, JitTrace_ELBO with these
 # networks measured about 4x slower per step than Trace_ELBO here (pyro 1.9.2, torch 2.14).
 ELBOS = {
     "mc": Trace_ELBO,  # Monte Carlo estimate of every term
     "analytic": TraceMeanField_ELBO,  # closed-form KL where known
     "iwae": IWAE_ELBO,  # importance-weighted bound with num_particles samples per image
+    "stl": STL_ELBO,  # the ELBO; the guide's gradient without its score-function term
+    "iwae_dreg": DReG_IWAE_ELBO,  # the IWAE bound; doubly reparameterized guide gradient
 }
 
-#: Upper bound on the elements of one decoded chunk (samples x images x pixels); 2**25
-#: float32 values are 128 MiB, and evaluation holds a few tensors of that size at once.
-MAX_CHUNK_ELEMENTS = 2**25
+#: Upper bound on the elements of one decoded chunk (samples x images x pixels), unless one
+#: group of the largest bound's K needs more. 2**22 float32 values are 16 MiB: the decoder's
+#: output stays in the CPU's caches for the elementwise passes of log p(x|z) that follow it.
+#: Measured here (benchmarks/evaluate.py): K = 5000 at 2**25 elements (128 MiB) took about
+#: 1.8 times as long as at 2**22; smaller chunks gain nothing more.
+MAX_CHUNK_ELEMENTS = 2**22
 
 
 def make_elbo(name: str = "mc", num_particles: int = 1):
     """An estimator with ``differentiable_loss(model, guide, *args, **kwargs)``, by name:
-    ``"mc"`` (``Trace_ELBO``), ``"analytic"`` (``TraceMeanField_ELBO``) or ``"iwae"``
-    (:class:`IWAE_ELBO` with K = ``num_particles``).
+    ``"mc"`` (``Trace_ELBO``), ``"analytic"`` (``TraceMeanField_ELBO``), ``"iwae"``
+    (:class:`IWAE_ELBO` with K = ``num_particles``), and two with the gradients of the same
+    bounds made less noisy: ``"stl"`` (:class:`STL_ELBO`, the ELBO) and ``"iwae_dreg"``
+    (:class:`DReG_IWAE_ELBO`, the IWAE bound).
 
     Several particles are drawn as one vectorized batch. The model has one plate, "data".
     """
     if name not in ELBOS:
         raise ValueError(f"unknown ELBO estimator {name!r}; choose one of {sorted(ELBOS)}")
-    if name == "iwae":
-        return IWAE_ELBO(num_particles=num_particles, max_plate_nesting=1)
-    return ELBOS[name](num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)
+    if ELBOS[name] in (Trace_ELBO, TraceMeanField_ELBO):  # Pyro's, which vectorize only when asked
+        return ELBOS[name](num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)
+    return ELBOS[name](num_particles=num_particles, max_plate_nesting=1)
 
 
 def _device_of(vae) -> torch.device:
@@ -178,17 +334,23 @@ def importance_sampled(vae, x: torch.Tensor, num_samples: int, bound_ks=BOUND_KS
     return Estimates(log_sum - math.log(num_samples), reconstruction - kl, reconstruction, kl, bounds)
 
 
-#: A latent dimension is active when Cov_x(E_q[z_d | x]) exceeds this (Burda et al. 2015).
+#: A latent dimension is active when Cov_x(E_q[z_d | x]) exceeds this (Burda et al. 2015); for a
+#: guide without a mean (a flow) the deterministic code stands for E_q[z | x] (``VAE.code``).
 ACTIVE_UNIT_THRESHOLD = 0.01
 
 
 def kl_per_dimension(q, prior) -> torch.Tensor | None:
     """Closed-form ``KL(q(z_d|x) || p(z_d))`` of each latent dimension, shape ``(B, z_dim)``,
-    when both are diagonal Gaussians (the KL then splits over dimensions); else ``None``."""
-    base_q, base_p = getattr(q, "base_dist", None), getattr(prior, "base_dist", None)
-    if not (isinstance(base_q, torch.distributions.Normal) and isinstance(base_p, torch.distributions.Normal)):
+    when both are diagonal Gaussians (the KL then splits over dimensions); else ``None``.
+
+    Both must be ``Normal(...).to_event(1)`` themselves: a flow's base is a diagonal Gaussian
+    too, but the flow is not, so a ``TransformedDistribution`` gives ``None``."""
+    def diagonal_normal(d) -> bool:
+        return isinstance(d, torch.distributions.Independent) and isinstance(d.base_dist, torch.distributions.Normal)
+
+    if not (diagonal_normal(q) and diagonal_normal(prior)):
         return None
-    return torch.distributions.kl_divergence(base_q, base_p)
+    return torch.distributions.kl_divergence(q.base_dist, prior.base_dist)
 
 
 @torch.no_grad()
@@ -202,6 +364,8 @@ def evaluate(vae, images: torch.Tensor, num_samples: int = 1000, batch_size: int
     :func:`~pyro_vae.seeding.seeded`: the same seed gives the same numbers (those of
     ``torch.manual_seed(seed)`` before the call), and the caller's random state is left as it was.
     """
+    from .guides import representative_code
+
     if num_samples < 1:
         raise ValueError(f"num_samples = {num_samples}: must be >= 1")
     parts, z_locs, kls = [], [], []
@@ -213,7 +377,7 @@ def evaluate(vae, images: torch.Tensor, num_samples: int = 1000, batch_size: int
             x = images[start : start + batch_size].to(device)
             parts.append(importance_sampled(vae, x, num_samples))
             q = vae.encode(x)
-            z_locs.append(q.mean)
+            z_locs.append(representative_code(q))  # E[z|x] for the Gaussian; draws nothing
             kls.append(kl_per_dimension(q, prior))
             bar.update(len(x))
     bar.close()

@@ -1,17 +1,20 @@
 """The VAE: Pyro ``model`` p(z) p(x|z) and ``guide`` q(z|x). The only place with ``pyro.sample``.
 
-The parts are values handed in (encoder, decoder, likelihood head, prior), not subclasses:
-swapping one is a different argument, see :func:`build_vae`.
+The parts are values handed in (encoder, decoder, likelihood head, prior, guide family), not
+subclasses: swapping one is a different argument, see :func:`build_vae`.
 
 References:
     Kingma & Welling (2014), Auto-Encoding Variational Bayes.
     Higgins et al. (2017), beta-VAE (the KL weight).
+    Burda, Grosse & Salakhutdinov (2015), Importance Weighted Autoencoders (the output bias
+    initialized to the logit of the mean training pixel, :func:`init_output_bias`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 
 import pyro
 import pyro.distributions as dist
@@ -20,6 +23,7 @@ from pyro import poutine
 from torch import nn
 
 from .config import ConfigError
+from .guides import DiagonalGaussian, make_guide, representative_code
 from .likelihoods import make_likelihood
 from .networks import make_networks
 from .priors import make_prior
@@ -64,12 +68,13 @@ def _default_name() -> str:
 
 
 class VAE(nn.Module):
-    """A variational autoencoder with an amortized diagonal Gaussian guide.
+    """A variational autoencoder with an amortized guide (a diagonal Gaussian by default).
 
-    A datum is an image ``(C, H, W)`` or a vector ``(D,)``: ``image_shape`` below. The four
+    A datum is an image ``(C, H, W)`` or a vector ``(D,)``: ``image_shape`` below. The
     parts are any modules meeting these contracts (those of
-    :func:`pyro_vae.register_networks`, :func:`~pyro_vae.register_likelihood` and
-    :func:`~pyro_vae.register_prior`; they need not be registered to be used here):
+    :func:`pyro_vae.register_networks`, :func:`~pyro_vae.register_likelihood`,
+    :func:`~pyro_vae.register_prior` and :func:`~pyro_vae.register_guide`; they need not be
+    registered to be used here):
 
     :param encoder: maps ``x`` of shape ``(B, *image_shape)`` to ``(z_loc, z_scale)``, each
         ``(B, z_dim)``, ``z_scale > 0``.
@@ -80,6 +85,9 @@ class VAE(nn.Module):
     :param prior: ``forward()`` returns p(z), event shape ``(z_dim,)``, no batch shape. A
         VampPrior is built from the encoder: ``VampPrior(z_dim, encoder=encoder,
         image_shape=image_shape, data_domain=likelihood.accepts)``.
+    :param guide: the guide family: maps the encoder's ``(z_loc, z_scale)`` to q(z|x), batch
+        shape ``(B,)``, event shape ``(z_dim,)``, reparameterized. Default: the diagonal
+        Gaussian ``Normal(z_loc, z_scale).to_event(1)``.
     :param name: prefix of the names under which ``model`` and ``guide`` register the parts in
         Pyro's param store (``"{name}.encoder"``, ...), so that VAEs of different names share
         one store without sharing parameters. Default: ``"vae"``, then ``"vae_1"``,
@@ -93,12 +101,15 @@ class VAE(nn.Module):
     """
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: nn.Module, prior: nn.Module, *,
-                 name: str | None = None):
+                 guide: nn.Module | None = None, name: str | None = None):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
         self.likelihood = likelihood
         self.prior_net = prior
+        # registered last: a family without parameters (the Gaussian) leaves the parameters,
+        # their order and the state_dict of a VAE without it unchanged
+        self.guide_net = DiagonalGaussian() if guide is None else guide
         self.name = _default_name() if name is None else name
 
     def prior(self) -> dist.TorchDistribution:
@@ -106,9 +117,16 @@ class VAE(nn.Module):
         return self.prior_net()
 
     def encode(self, x: torch.Tensor) -> dist.TorchDistribution:
-        """q(z|x): a diagonal Gaussian with batch shape ``(B,)`` and event shape ``(z_dim,)``."""
+        """q(z|x): the guide family at the encoder's output, batch shape ``(B,)``, event shape
+        ``(z_dim,)`` (a diagonal Gaussian by default)."""
         z_loc, z_scale = self.encoder(x)
-        return dist.Normal(z_loc, z_scale).to_event(1)
+        return self.guide_net(z_loc, z_scale)
+
+    def code(self, x: torch.Tensor) -> torch.Tensor:
+        """A deterministic latent code of each datum, ``(B, z_dim)``, for reconstructions and
+        plots: ``E[z|x] = z_loc`` for the Gaussian; for a flow, the image of the base mean
+        (:func:`pyro_vae.guides.representative_code`)."""
+        return representative_code(self.encode(x))
 
     def decode(self, z: torch.Tensor) -> dist.TorchDistribution:
         """p(x|z) for ``z`` of shape ``(..., z_dim)``: batch shape ``(...)``, one datum per event."""
@@ -128,6 +146,7 @@ class VAE(nn.Module):
     def guide(self, x: torch.Tensor, beta: float = 1.0, reconstruction_weight: float = 1.0) -> torch.Tensor:
         """q(z|x) for a batch ``x`` of shape ``(B, *image_shape)``; the same arguments as the model."""
         pyro.module(f"{self.name}.encoder", self.encoder)
+        pyro.module(f"{self.name}.guide", self.guide_net)
         return self.guide_body(x, beta)
 
     # The bodies without the pyro.module registration. fit() steps self.parameters() with a
@@ -150,8 +169,8 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """The mean of p(x|z) at ``z = z_loc(x)``, shape of ``x``."""
-        return self.decode(self.encode(x).mean).mean
+        """The mean of p(x|z) at ``z = code(x)`` (``z_loc`` for the Gaussian), shape of ``x``."""
+        return self.decode(self.code(x)).mean
 
     @torch.no_grad()
     def sample_images(self, num_samples: int) -> torch.Tensor:
@@ -164,6 +183,8 @@ class VAE(nn.Module):
         """Check the parts against their contracts on a batch of two data of zeros.
 
         The encoder must return ``(z_loc, z_scale)``, each ``(B, z_dim)``, ``z_scale > 0``; the
+        guide family a reparameterized distribution with batch shape ``(B,)`` and event shape
+        ``(z_dim,)`` whose samples it scores and which gives a code ``(B, z_dim)``; the
         decoder features ``(..., *image_shape)`` for ``z`` of shape ``(..., z_dim)``; the
         likelihood a distribution with event shape ``image_shape`` and batch shape ``(...)``;
         the prior one with event shape ``(z_dim,)`` and no batch shape. Modules run in eval
@@ -177,7 +198,7 @@ class VAE(nn.Module):
         image_shape, labels = tuple(image_shape), labels or {}
 
         def fail(part: str, message: str):
-            module = getattr(self, "prior_net" if part == "prior" else part)
+            module = getattr(self, {"prior": "prior_net", "guide": "guide_net"}.get(part, part))
             label = f" ({labels[part]})" if part in labels else ""
             raise ConfigError(f"{part} {type(module).__qualname__}{label}: {message}")
 
@@ -200,6 +221,7 @@ class VAE(nn.Module):
                                         f"{tuple(tensor.shape)}; expected (2, z_dim = {z_dim if z_dim else 'z_dim'})")
                 if not bool((z_scale > 0).all()):
                     fail("encoder", "returned a z_scale that is not > 0 (a standard deviation, not its logarithm)")
+                self._check_guide(z_loc, z_scale, fail)
                 z = z_loc.expand(3, 2, z_dim)  # a leading sample dimension, as importance sampling adds
                 features = self.decoder(z)
                 if not torch.is_tensor(features) or tuple(features.shape) != (3, 2, *image_shape):
@@ -224,6 +246,29 @@ class VAE(nn.Module):
             for module, training in modes:
                 module.training = training
 
+    def _check_guide(self, z_loc: torch.Tensor, z_scale: torch.Tensor, fail) -> None:
+        q = self.guide_net(z_loc, z_scale)
+        if not isinstance(q, torch.distributions.Distribution):
+            fail("guide", f"returned {type(q).__name__}; expected a pyro.distributions distribution")
+        expected = (tuple(z_loc.shape[:1]), tuple(z_loc.shape[1:]))
+        if (tuple(q.batch_shape), tuple(q.event_shape)) != expected:
+            fail("guide", f"for z_loc of shape {tuple(z_loc.shape)} it returned a distribution with batch shape "
+                          f"{tuple(q.batch_shape)} and event shape {tuple(q.event_shape)}; expected {expected[0]} "
+                          f"and (z_dim,) = {expected[1]}")
+        if not q.has_rsample:
+            fail("guide", f"returned {type(q).__name__}, which has no reparameterized sampler (rsample); "
+                          "training differentiates through the draws")
+        log_q = q.log_prob(q.rsample())
+        if tuple(log_q.shape) != expected[0]:
+            fail("guide", f"log_prob of its own sample has shape {tuple(log_q.shape)}; expected {expected[0]}")
+        try:
+            code = representative_code(q)
+        except NotImplementedError:
+            code = None
+        if not torch.is_tensor(code) or tuple(code.shape) != tuple(z_loc.shape):
+            fail("guide", f"returned {type(q).__name__}, which gives no code of shape {tuple(z_loc.shape)}: "
+                          "it needs a mean, or to be a TransformedDistribution of a distribution with one")
+
 
 def build_vae(model_config, image_shape, name: str | None = None) -> VAE:
     """A :class:`VAE` from a :class:`pyro_vae.config.ModelConfig` and the shape of one datum.
@@ -241,9 +286,99 @@ def build_vae(model_config, image_shape, name: str | None = None) -> VAE:
     likelihood = make_likelihood(model_config.likelihood, image_shape, **model_config.likelihood_options)
     prior = make_prior(model_config.prior, model_config.z_dim, encoder=encoder, image_shape=image_shape,
                        data_domain=likelihood.accepts, **model_config.prior_options)
-    vae = VAE(encoder, decoder, likelihood, prior, name=name)
+    # built last, so its initial draws leave those of the other parts as they were
+    guide = make_guide(model_config.guide, model_config.z_dim, **model_config.guide_options)
+    vae = VAE(encoder, decoder, likelihood, prior, guide=guide, name=name)
     vae.check_shapes(image_shape, model_config.z_dim, labels={
         "encoder": f"model.arch = {model_config.arch!r}", "decoder": f"model.arch = {model_config.arch!r}",
         "likelihood": f"model.likelihood = {model_config.likelihood!r}", "prior": f"model.prior = {model_config.prior!r}",
+        "guide": f"model.guide = {model_config.guide!r}",
     })
     return vae
+
+
+# -- the decoder's output bias from the training data (Burda et al. 2015) ----------------------
+
+#: Mean pixels are clipped to [c, 1 - c] before their logit, so that a pixel that is never (or
+#: always) on in the training data starts at a logit of -6.9 (6.9), not at minus (plus) infinity.
+OUTPUT_BIAS_CLIP = 1e-3
+
+
+@torch.no_grad()
+def likelihood_link(likelihood: nn.Module, image_shape) -> str | None:
+    """How a likelihood's mean follows from the decoder's features, derived on a grid of
+    features rather than declared: ``"logit"`` where the mean is ``sigmoid(features)``
+    (Bernoulli: the features are logits), ``"identity"`` where it is the features themselves
+    (Gaussian, Laplace), else ``None`` (e.g. the continuous Bernoulli, whose mean is not the
+    sigmoid of its logits).
+
+    :param likelihood: a likelihood module built for data of ``image_shape``.
+    :param image_shape: the shape of one datum: ``(C, H, W)`` or ``(D,)``.
+
+    >>> from pyro_vae.likelihoods import Bernoulli, ContinuousBernoulli, Gaussian
+    >>> [likelihood_link(cls((1, 2, 2)), (1, 2, 2)) for cls in (Bernoulli, Gaussian, ContinuousBernoulli)]
+    ['logit', 'identity', None]
+    """
+    image_shape = tuple(image_shape)
+    features = torch.linspace(-4.0, 4.0, 9 * math.prod(image_shape)).reshape(9, *image_shape)
+    tensors = [t for t in (*likelihood.parameters(), *likelihood.buffers()) if t.is_floating_point()]
+    if tensors:
+        features = features.to(tensors[0])
+    try:
+        with torch.random.fork_rng(devices=[]):
+            mean = likelihood(features).mean
+    except Exception:  # a part of one's own may raise anything; its link is then unknown
+        return None
+    if not torch.is_tensor(mean) or mean.shape != features.shape:
+        return None
+    if torch.allclose(mean, torch.sigmoid(features), atol=1e-5):
+        return "logit"
+    if torch.allclose(mean, features, atol=1e-5):
+        return "identity"
+    return None
+
+
+@torch.no_grad()
+def init_output_bias(vae: VAE, images: torch.Tensor) -> torch.Tensor:
+    """Set the decoder's output bias so that p(x|z) starts at the mean training datum.
+
+    Burda et al. (2015) initialize the output biases of their Bernoulli decoders to the logit
+    of the mean training pixel: the untrained decoder then models each pixel's marginal
+    frequency instead of 0.5 everywhere, and the first steps are not spent learning the
+    background. Here the bias is the likelihood's link applied to the mean
+    (:func:`likelihood_link`): ``logit(m)``, ``m`` clipped to ``[OUTPUT_BIAS_CLIP, 1 -
+    OUTPUT_BIAS_CLIP]``, where the features are logits; ``m`` itself where they are the mean.
+    A bias of one value per pixel (the MLP decoders) gets each pixel's mean; one per channel
+    (the conv decoder) the channel's mean over its pixels.
+
+    Called by :func:`pyro_vae.fit` right after :func:`build_vae` when
+    ``model.init_output_bias`` is set; it draws no random numbers.
+
+    :param vae: a VAE whose decoder has an ``output_bias`` property (the parameter to set).
+    :param images: the training data as the model sees it, ``(N, *image_shape)`` (grey values
+        for dynamic binarization: their mean is the binary pixels' expected mean).
+    :returns: the bias set.
+    :raises ConfigError: the decoder has no output bias, or the likelihood's link is neither
+        of the two above (:func:`pyro_vae.config.validate` refuses such configs first).
+    """
+    bias = getattr(vae.decoder, "output_bias", None)
+    if not isinstance(bias, torch.Tensor):
+        raise ConfigError(f"model.init_output_bias: the decoder {type(vae.decoder).__qualname__} has no output_bias "
+                          "(the parameter to initialize)")
+    image_shape = tuple(images.shape[1:])
+    link = likelihood_link(vae.likelihood, image_shape)
+    if link is None:
+        raise ConfigError(f"model.init_output_bias: the mean of likelihood {type(vae.likelihood).__qualname__} is "
+                          "neither sigmoid(features) nor the features themselves")
+    mean = images.to(torch.float64).mean(0)
+    if bias.numel() == mean.numel():
+        target = mean.reshape(bias.shape)
+    elif len(image_shape) == 3 and tuple(bias.shape) == image_shape[:1]:  # one bias per channel
+        target = mean.mean((1, 2))
+    else:
+        raise ConfigError(f"model.init_output_bias: the decoder's output_bias of shape {tuple(bias.shape)} fits "
+                          f"neither one value per feature nor one per channel of data of shape {image_shape}")
+    if link == "logit":
+        target = torch.logit(target.clamp(OUTPUT_BIAS_CLIP, 1 - OUTPUT_BIAS_CLIP))
+    bias.copy_(target.to(bias))
+    return bias

@@ -6,7 +6,7 @@ datum, whichever it is. An encoder maps data ``(B, *image_shape)`` to the parame
 of shape ``(..., z_dim)`` to features ``(..., *image_shape)`` that a likelihood head turns into
 p(x|z) (for the Bernoulli likelihood they are logits). Sizes come from the data, never from
 literals. The MLP networks take either kind of datum; the conv networks take images of any
-size (at least 4 x 4 pixels) and channel count.
+size (at least 4 x 4 pixels) and channel count. ``"gated_mlp"`` is the MLP with gated units.
 
 Networks of one's own are added with :func:`pyro_vae.register_networks`, which states the
 contract they must meet.
@@ -30,6 +30,27 @@ def _mlp(sizes: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class GatedDense(nn.Module):
+    """A gated linear unit: ``h = (W1 x + b1) * sigmoid(W2 x + b2)``, the gate choosing, unit by
+    unit, how much of the linear response passes.
+
+    References: Dauphin, Fan, Auli & Grangier (2017), Language Modeling with Gated Convolutional
+    Networks; Tomczak & Welling (2018), VAE with a VampPrior (``GatedDense``, their MLP units).
+    """
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.linear = nn.Linear(n_in, n_out)
+        self.gate = nn.Linear(n_in, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * torch.sigmoid(self.gate(x))
+
+
+def _gated_mlp(sizes: list[int]) -> nn.Sequential:
+    return nn.Sequential(*[GatedDense(n_in, n_out) for n_in, n_out in zip(sizes[:-1], sizes[1:])])
+
+
 def _positive(raw: torch.Tensor) -> torch.Tensor:
     # softplus rather than exp: a large pre-activation cannot overflow the scale, and a
     # small floor keeps log q(z|x) finite.
@@ -42,10 +63,13 @@ class MLPEncoder(nn.Module):
     :param image_shape: the shape of one datum: ``(C, H, W)`` or ``(D,)``.
     """
 
+    #: builds the hidden layers from their sizes: dense ReLU layers here
+    layers = staticmethod(_mlp)
+
     def __init__(self, image_shape: tuple[int, ...], z_dim: int, hidden_dim: int, num_layers: int = 1):
         super().__init__()
         self.datum_dims = len(image_shape)
-        self.body = _mlp([math.prod(image_shape)] + [hidden_dim] * num_layers)
+        self.body = self.layers([math.prod(image_shape)] + [hidden_dim] * num_layers)
         self.loc = nn.Linear(hidden_dim, z_dim)
         self.scale = nn.Linear(hidden_dim, z_dim)
 
@@ -60,14 +84,37 @@ class MLPDecoder(nn.Module):
     :param image_shape: the shape of one datum: ``(C, H, W)`` or ``(D,)``.
     """
 
+    layers = staticmethod(_mlp)
+
     def __init__(self, image_shape: tuple[int, ...], z_dim: int, hidden_dim: int, num_layers: int = 1):
         super().__init__()
         self.image_shape = tuple(image_shape)
-        self.body = _mlp([z_dim] + [hidden_dim] * num_layers)
+        self.body = self.layers([z_dim] + [hidden_dim] * num_layers)
         self.out = nn.Linear(hidden_dim, math.prod(image_shape))
+
+    @property
+    def output_bias(self) -> nn.Parameter:
+        """The output layer's bias, one per feature ``(prod(image_shape),)``."""
+        return self.out.bias
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.out(self.body(z)).unflatten(-1, self.image_shape)
+
+
+class GatedMLPEncoder(MLPEncoder):
+    """:class:`MLPEncoder` with gated units (:class:`GatedDense`) instead of ReLU layers, as in
+    the VampPrior paper's MLPs (Tomczak & Welling 2018).
+
+    :param image_shape: the shape of one datum: ``(C, H, W)`` or ``(D,)``.
+    """
+
+    layers = staticmethod(_gated_mlp)
+
+
+class GatedMLPDecoder(MLPDecoder):
+    """Mirror of :class:`GatedMLPEncoder`: gated hidden layers, then a linear output layer."""
+
+    layers = staticmethod(_gated_mlp)
 
 
 #: Two stride-2 convolutions (kernel 4, padding 1) need at least this many pixels a side.
@@ -131,6 +178,11 @@ class ConvDecoder(nn.Module):
             nn.ConvTranspose2d(32, channels, 4, stride=2, padding=1),
         )
 
+    @property
+    def output_bias(self) -> nn.Parameter:
+        """The last transposed convolution's bias, one per channel ``(C,)``."""
+        return self.deconv[-1].bias
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         batch_shape = z.shape[:-1]
         h = self.dense(z.reshape(-1, z.shape[-1])).unflatten(-1, self.start)
@@ -141,6 +193,7 @@ class ConvDecoder(nn.Module):
 #: architecture name -> (encoder class, decoder class); add one with :func:`pyro_vae.register_networks`.
 ARCHITECTURES = {
     "mlp": (MLPEncoder, MLPDecoder),
+    "gated_mlp": (GatedMLPEncoder, GatedMLPDecoder),
     "conv": (ConvEncoder, ConvDecoder),
 }
 

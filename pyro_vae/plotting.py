@@ -208,7 +208,7 @@ def informative_dimensions(vae, images: torch.Tensor) -> tuple[torch.Tensor, tor
 
     q = vae.encode(images)
     kl = kl_per_dimension(q, vae.prior())
-    score, what = (kl.mean(0), "KL") if kl is not None else (q.mean.var(0), "Var E[z|x]")
+    score, what = (kl.mean(0), "KL") if kl is not None else (vae.code(images).var(0), "Var E[z|x]")
     return score.argsort(descending=True), score, what
 
 
@@ -221,7 +221,7 @@ def plot_latent_traversals(vae, image: torch.Tensor, dims, scores=None, what: st
     beta-VAE papers (Higgins et al. 2017; Burgess et al. 2018). ``scores`` label the rows.
     """
     dims = [int(d) for d in dims]
-    z0 = vae.encode(image.unsqueeze(0)).mean[0]
+    z0 = vae.code(image.unsqueeze(0))[0]
     scale = vae.prior().stddev.reshape(-1)
     offsets = torch.linspace(-span, span, steps, device=z0.device)
     z = z0.repeat(len(dims), steps, 1)
@@ -271,7 +271,7 @@ def make_figures(vae, images: torch.Tensor, labels: torch.Tensor | None, history
             "reconstructions": plot_reconstructions(images[:12], vae.reconstruct(images[:12])),
             "samples": plot_image_grid(samples, "samples: mean of p(x|z), z ~ p(z)"),
         }
-    z_loc = torch.cat([vae.encode(images[i : i + 1000]).mean for i in range(0, min(len(images), 5000), 1000)])
+    z_loc = torch.cat([vae.code(images[i : i + 1000]) for i in range(0, min(len(images), 5000), 1000)])
     shown = None if labels is None else labels[: len(z_loc)]
     if z_loc.shape[1] == 2:
         figures["latent_space"] = plot_latent_scatter(z_loc, shown, "latent means E[z|x] of test images")
@@ -433,3 +433,50 @@ def plot_iwae_bounds(bounds: dict, exact: float | None = None,
     ax.legend()
     ax.set_title(title)
     return fig
+
+
+def animate_training(snapshots: dict, history: list[dict], image_inches: float = 0.6):
+    """An animation of a run learning, one frame per epoch: fixed validation images, their
+    reconstructions (mean of p(x|z) at z = E[z|x]) and the decodings of fixed draws from p(z),
+    titled with the epoch and its validation ELBO. Save it with, e.g.,
+    ``animate_training(...).save("training.gif", writer=matplotlib.animation.PillowWriter(fps=4))``.
+
+    :param snapshots: ``{"inputs": (n, C, H, W), "frames": [{"epoch", "reconstructions": (n, C,
+        H, W), "samples": (m, C, H, W)}, ...]}``, images as ``uint8`` (0..255) or in [0, 1], as
+        a checkpoint keeps them (:class:`pyro_vae.monitor.Monitor`); at least one frame.
+    :param history: the run's metrics records; the frame of epoch ``e`` shows the ELBO of the
+        record with ``"epoch" == e`` (none if there is no such record).
+    :param image_inches: the size of one image in the figure.
+    :returns: a ``matplotlib.animation.FuncAnimation`` of a ``Figure`` made without pyplot.
+    """
+    from matplotlib.animation import FuncAnimation
+
+    def unit(images: torch.Tensor) -> torch.Tensor:
+        return images.float() / 255 if images.dtype == torch.uint8 else images.float()
+
+    frames = snapshots["frames"]
+    if not frames:
+        raise ValueError("no frames to animate: the run has no snapshot of a finished epoch")
+    inputs = unit(snapshots["inputs"])
+    ncol = len(inputs)
+    sample_rows = math.ceil(len(frames[0]["samples"]) / ncol)
+    elbo = {r["epoch"]: r["val_elbo"] for r in history}
+    # a fixed size and layout, so that every frame of the GIF has the same pixels around the images
+    fig = Figure(figsize=(ncol * image_inches + 0.3, (2 + sample_rows) * image_inches + 1.2), layout="constrained")
+    top, middle, bottom = fig.subplots(3, 1, height_ratios=[1, 1, sample_rows])
+    _show(top, _tile(inputs, ncol))
+    _show(middle, _tile(unit(frames[0]["reconstructions"]), ncol))
+    _show(bottom, _tile(unit(frames[0]["samples"]), ncol))
+    for ax, title in ((top, "validation images"), (middle, "reconstructions, z = E[z|x]"),
+                      (bottom, "decoded fixed draws z ~ p(z)")):
+        ax.set_title(title, fontsize="small")
+    heading = fig.suptitle("")
+
+    def draw(index: int):
+        frame = frames[index]
+        middle.images[0].set_data(_tile(unit(frame["reconstructions"]), ncol).numpy())
+        bottom.images[0].set_data(_tile(unit(frame["samples"]), ncol).numpy())
+        score = elbo.get(frame["epoch"])
+        heading.set_text(f"epoch {frame['epoch']}" + ("" if score is None else f", validation ELBO {score:.1f}"))
+
+    return FuncAnimation(fig, draw, frames=len(frames), cache_frame_data=False)

@@ -34,7 +34,8 @@ from .distributed import (ELBOLoss, Runtime, SharedNoise, all_reduce_sum, curren
                           shard_bounds)
 from .elbo import make_elbo, mean_elbo
 from .likelihoods import LIKELIHOODS
-from .model import LATENT, VAE, build_vae
+from .model import LATENT, VAE, build_vae, init_output_bias
+from .monitor import Monitor
 from .seeding import preserved
 
 METRICS_NAME = "metrics.jsonl"
@@ -207,6 +208,8 @@ def _fit(config, splits, run_dir, checkpoint, progress, callback, device, vae, p
         vae.check_shapes(splits.train.image_shape)
     check_data(config, splits, vae.likelihood)  # before binarization draws from values it cannot take
     images = _training_images(config, splits)
+    if built == BUILT_FROM_CONFIG and config.model.init_output_bias:
+        init_output_bias(vae, images)  # from the data it trains on (Burda et al. 2015); draws nothing
     val_images = prepare(splits.val, config.data.binarize).images
     vae = vae.to(device)
     optimizer = make_optimizer(vae.parameters(), config.train.lr)
@@ -227,6 +230,10 @@ def _fit(config, splits, run_dir, checkpoint, progress, callback, device, vae, p
         epoch, step, history = checkpoint["epoch"], checkpoint["step"], list(checkpoint["history"])
         order = checkpoint.get("order")
         partial = dict(checkpoint.get("partial") or partial)
+    # every rank checks for TensorBoard before anything trains; only the writing one writes
+    monitor = Monitor(val_images, config.train.seed, device, run_dir=run_dir if writes else None,
+                      tensorboard=config.train.tensorboard and run_dir is not None, start_epoch=epoch,
+                      snapshots=checkpoint.get("snapshots") if checkpoint is not None else None)
 
     # where the checkpoint on disk stands, for the messages of a failed run
     saved_at = _position(checkpoint["epoch"], checkpoint["step"]) if checkpoint is not None else None
@@ -249,7 +256,7 @@ def _fit(config, splits, run_dir, checkpoint, progress, callback, device, vae, p
             config=config.to_dict(), image_shape=splits.train.image_shape, model=vae.state_dict(),
             optimizer=optimizer.state_dict(), rng=_rng_state(generator, device), epoch=epoch, step=step,
             order=order_now, partial=partial_now, history=history, data=source,
-            plugins=plugins, built=built,
+            plugins=plugins, built=built, snapshots=monitor.snapshots,
         )
 
     def diverged(problem: str, index: int) -> TrainingDiverged:
@@ -257,7 +264,7 @@ def _fit(config, splits, run_dir, checkpoint, progress, callback, device, vae, p
 
     num_steps = math.ceil(len(images) / config.train.batch_size)
     vae.train()
-    with _StopRequest(announce=runtime.is_main) as stop, _frozen_heap():
+    with _StopRequest(announce=runtime.is_main) as stop, _frozen_heap(), monitor:
         while epoch < config.train.epochs:
             lr = learning_rate(config, epoch)
             beta = beta_at(config.objective, epoch)
@@ -327,6 +334,8 @@ def _fit(config, splits, run_dir, checkpoint, progress, callback, device, vae, p
                 "images_per_second": partial["images"] / partial["seconds"],
                 "peak_memory_mb": peak_memory_mb(),
             }
+            with _disk_space_guard(run_dir, saved_at):  # TensorBoard writes to the run's disk
+                monitor.observe(vae, record)  # in eval mode, and before the checkpoint (TensorBoard purges past it)
             vae.train()
             history.append(record)
             epoch, step, order, partial = epoch + 1, 0, None, {"loss": 0.0, "images": 0, "seconds": 0.0}

@@ -127,11 +127,12 @@ def restore_registries():
     """Whatever a test registers, or imports as a plugin, is gone after it."""
     import sys
 
+    from pyro_vae.guides import GUIDES
     from pyro_vae.likelihoods import LIKELIHOODS
     from pyro_vae.networks import ARCHITECTURES
     from pyro_vae.priors import PRIORS
 
-    saved = [(registry, dict(registry)) for registry in (LIKELIHOODS, PRIORS, ARCHITECTURES)]
+    saved = [(registry, dict(registry)) for registry in (LIKELIHOODS, PRIORS, ARCHITECTURES, GUIDES)]
     yield
     for registry, entries in saved:
         registry.clear()

@@ -95,8 +95,8 @@ def one_line(error) -> str:
 # -- registration ----------------------------------------------------------------------------
 
 def test_the_register_functions_are_public():
-    for name in ("register_likelihood", "register_prior", "register_networks", "load_plugins", "ComponentError",
-                 "has_closed_form_kl"):
+    for name in ("register_likelihood", "register_prior", "register_networks", "register_guide", "load_plugins",
+                 "ComponentError", "has_closed_form_kl"):
         assert name in pyro_vae.__all__ and hasattr(pyro_vae, name)
 
 
@@ -195,6 +195,26 @@ def test_networks_that_break_the_contract_are_refused(encoder, decoder, words):
     for word in words:
         assert word in one_line(error)
     assert "mine" not in ARCHITECTURES
+
+
+def test_init_output_bias_needs_networks_whose_decoder_has_an_output_bias():
+    register_networks("tiny", TinyEncoder, TinyDecoder)
+    with pytest.raises(ConfigError) as error:
+        load_config(None, {"model.arch": "tiny", "model.init_output_bias": True})
+    assert "model.arch = 'tiny' has no output_bias" in one_line(error)
+
+    class BiasedDecoder(TinyDecoder):
+        @property
+        def output_bias(self):
+            return self.net.bias
+
+    register_networks("biased", TinyEncoder, BiasedDecoder)
+    config = load_config(None, {"model.arch": "biased", "model.init_output_bias": True, "model.z_dim": 2})
+    vae = build_vae(config.model, (1, 2, 2))
+    from pyro_vae.model import init_output_bias
+
+    init_output_bias(vae, torch.full((3, 1, 2, 2), 0.5))
+    torch.testing.assert_close(vae.decoder.net.bias, torch.zeros(4))
 
 
 @pytest.mark.parametrize("name", ["my-part", "", "two words", 3, "café"])

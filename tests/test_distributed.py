@@ -4,6 +4,7 @@ The two-process tests start ``torchrun`` themselves, on CPU, with a time limit, 
 with a single-process :func:`pyro_vae.fit` of the same config in this process.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -155,8 +156,9 @@ def _torchrun(*args, cwd, timeout=TIMEOUT):
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory, mnist_dir):
     out = tmp_path_factory.mktemp("ddp") / "run"
+    # with TensorBoard, which must change no number and be written by rank 0 alone
     result, _ = _torchrun("-m", "pyro_vae", "train", *_cli_args(OVERRIDES), "--out", str(out), "--quiet",
-                          "--device", "cpu", "--data-dir", str(mnist_dir), cwd=out.parent)
+                          "--tensorboard", "--device", "cpu", "--data-dir", str(mnist_dir), cwd=out.parent)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -195,14 +197,15 @@ def three_epochs_in_one_process(mnist_subset):
 def test_a_two_process_checkpoint_resumes_in_one_process(two_process_run, mnist_subset, tmp_path,
                                                          three_epochs_in_one_process):
     run = Path(shutil.copytree(two_process_run, tmp_path / "run"))
-    config = load_config(None, {**OVERRIDES, "train.epochs": 3})
+    config = load_config(None, {**OVERRIDES, "train.epochs": 3, "train.tensorboard": True})
     resumed = fit(config, mnist_subset, run_dir=run, checkpoint=load_checkpoint(run), progress=False)
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
     _assert_same_parameters(resumed.vae.state_dict(), three_epochs_in_one_process.vae)
 
 
 @pytest.mark.mnist
-def test_torchrun_resume_continues_a_run(two_process_run, tmp_path, mnist_dir, three_epochs_in_one_process):
+def test_torchrun_resume_continues_a_run(two_process_run, tmp_path, mnist_dir, mnist_subset,
+                                        three_epochs_in_one_process):
     run = Path(shutil.copytree(two_process_run, tmp_path / "run"))
     result, _ = _torchrun("-m", "pyro_vae", "train", "--resume", str(run), "--epochs", "3", "--quiet",
                           "--device", "cpu", "--data-dir", str(mnist_dir), cwd=tmp_path)
@@ -210,6 +213,28 @@ def test_torchrun_resume_continues_a_run(two_process_run, tmp_path, mnist_dir, t
     state = load_checkpoint(run)
     assert state["epoch"] == 3
     _assert_same_parameters(state["model"], three_epochs_in_one_process.vae)
+    _assert_rank_0_watched(run, state, three_epochs_in_one_process.vae, mnist_subset)
+
+
+def _assert_rank_0_watched(run, state, vae, splits):
+    """One TensorBoard event file per launch (rank 0's), each epoch once; the snapshots of every
+    epoch, the last one those of the same model trained in one process (to a grey level)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pyro_vae.data import prepare
+    from pyro_vae.monitor import SNAPSHOT_IMAGES, to_uint8
+
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    accumulator = EventAccumulator(str(run / "tensorboard"))
+    accumulator.Reload()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e.step for e in accumulator.Scalars("validation/elbo")] == [r["epoch"] for r in records] == [1, 2, 3]
+    assert [e.value for e in accumulator.Scalars("train/loss")] == pytest.approx([r["train_loss"] for r in records])
+    frames = state["snapshots"]["frames"]
+    assert [f["epoch"] for f in frames] == [1, 2, 3]
+    inputs = prepare(splits.val, "dynamic").images[:SNAPSHOT_IMAGES]
+    single = to_uint8(vae.reconstruct(inputs)).int()
+    assert (frames[-1]["reconstructions"].int() - single).abs().max() <= 1
 
 
 DYING_RANK = textwrap.dedent("""

@@ -281,3 +281,136 @@ def test_prior_is_standard_normal():
     assert isinstance(prior.base_dist, dist.Normal)
     torch.testing.assert_close(prior.mean, torch.zeros(3))
     torch.testing.assert_close(prior.stddev, torch.ones(3))
+
+
+# -- gated units, the output bias, the guide family in Pyro's param store --------------------------
+
+def test_gated_dense_is_a_linear_response_times_a_sigmoid_gate():
+    from pyro_vae.networks import GatedDense
+
+    layer = GatedDense(3, 2)
+    x = torch.randn(5, 3)
+    expected = (x @ layer.linear.weight.T + layer.linear.bias) * torch.sigmoid(x @ layer.gate.weight.T + layer.gate.bias)
+    torch.testing.assert_close(layer(x), expected)
+
+
+@pytest.mark.parametrize("num_layers", [1, 3])
+def test_gated_mlp_is_the_mlp_with_gated_units(num_layers):
+    from pyro_vae.networks import GatedDense
+
+    vae = make_vae("gated_mlp", num_layers=num_layers)
+    for body in (vae.encoder.body, vae.decoder.body):
+        assert [type(m) for m in body] == [GatedDense] * num_layers
+    assert vae.decoder.output_bias is vae.decoder.out.bias
+    x = binary_batch(5)
+    assert vae.encode(x).batch_shape == (5,) and vae.reconstruct(x).shape == x.shape
+
+
+def _images_with_constant_pixels(n=40, shape=(1, 3, 4)):
+    """Grey images whose first pixel is always 0 and second always 1: the clip shows."""
+    images = torch.rand(n, *shape, generator=torch.Generator().manual_seed(0))
+    flat = images.view(n, -1)
+    flat[:, 0], flat[:, 1] = 0.0, 1.0
+    return images
+
+
+def test_init_output_bias_is_the_logit_of_the_clipped_mean_pixel():
+    from pyro_vae.model import OUTPUT_BIAS_CLIP, init_output_bias
+
+    images = _images_with_constant_pixels()
+    vae = make_vae(image_shape=images.shape[1:])
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    init_output_bias(vae, images)
+    mean = images.double().mean(0).flatten().clamp(OUTPUT_BIAS_CLIP, 1 - OUTPUT_BIAS_CLIP)
+    torch.testing.assert_close(vae.decoder.out.bias, torch.log(mean / (1 - mean)).float())
+    assert math.isclose(vae.decoder.out.bias[0].item(), math.log(1e-3 / (1 - 1e-3)), rel_tol=1e-5)
+    # the untrained decoder's mean at z = 0, with the weights shrunk away, is the mean image
+    with torch.no_grad():
+        vae.decoder.out.weight.zero_()
+    torch.testing.assert_close(vae.decode(torch.zeros(1, 4)).mean[0, 0, 0, 2:], images.mean(0)[0, 0, 2:])
+    assert all(torch.equal(v, vae.state_dict()[k]) for k, v in before.items() if k not in ("decoder.out.bias",
+                                                                                         "decoder.out.weight"))
+
+
+def test_init_output_bias_per_channel_for_conv_and_identity_for_gaussian_pixels():
+    from pyro_vae.model import init_output_bias
+
+    images = torch.rand(30, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * torch.tensor([0.2, 0.5, 0.9]).view(3, 1, 1)
+    conv = make_vae("conv", image_shape=(3, 8, 8))
+    init_output_bias(conv, images)
+    torch.testing.assert_close(conv.decoder.output_bias, torch.logit(images.double().mean((0, 2, 3))).float())
+    config = load_config(None, {"model.likelihood": "gaussian", "data.binarize": "none", "model.z_dim": 2,
+                                "model.hidden_dim": 8})
+    gaussian = build_vae(config.model, (3, 8, 8))
+    init_output_bias(gaussian, images)
+    torch.testing.assert_close(gaussian.decoder.out.bias, images.mean(0).flatten())
+
+
+@pytest.mark.parametrize("likelihood, link", [("bernoulli", "logit"), ("continuous_bernoulli", None),
+                                              ("gaussian", "identity"), ("gaussian_learned", "identity"),
+                                              ("laplace", "identity")])
+def test_the_link_of_each_likelihood_is_derived(likelihood, link):
+    from pyro_vae.likelihoods import make_likelihood
+    from pyro_vae.model import likelihood_link
+
+    assert likelihood_link(make_likelihood(likelihood, (1, 2, 3)), (1, 2, 3)) == link
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"model.likelihood": "continuous_bernoulli", "data.binarize": "none"},
+     ["model.init_output_bias = true", "sigmoid(features)", "'continuous_bernoulli' is neither", "leave it false"]),
+])
+def test_init_output_bias_is_refused_where_it_has_no_meaning(overrides, words):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, {"model.init_output_bias": True, **overrides})
+    assert "\n" not in str(error.value)
+    for word in words:
+        assert word in str(error.value), str(error.value)
+
+
+def test_fit_sets_the_output_bias_and_nothing_else(splits, tiny_config):
+    """With the option on, the built VAE differs only in the output bias; off, fit never calls it."""
+    from pyro_vae.model import init_output_bias
+    from pyro_vae.train import fit
+
+    config = tiny_config.replace(**{"train.epochs": 0})
+    plain = fit(config, splits, progress=False).vae.state_dict()
+    biased = fit(config.replace(**{"model.init_output_bias": True}), splits, progress=False).vae.state_dict()
+    assert [k for k in plain if not torch.equal(plain[k], biased[k])] == ["decoder.out.bias"]
+    expected = torch.logit(splits.train.images.double().mean(0).flatten().clamp(1e-3, 1 - 1e-3)).float()
+    torch.testing.assert_close(biased["decoder.out.bias"], expected)
+    vae = build_vae(config.model, splits.train.image_shape)
+    init_output_bias(vae, splits.train.images)
+    torch.testing.assert_close(vae.decoder.out.bias, expected)
+
+
+def test_the_default_build_is_the_one_of_the_parts_alone():
+    """The guide family and the new keys change nothing by default: the VAE built from the
+    default config is, parameter for parameter, the one assembled from its four parts."""
+    from pyro_vae.likelihoods import make_likelihood
+    from pyro_vae.networks import make_networks
+    from pyro_vae.priors import make_prior
+
+    config = load_config(None, {"model.z_dim": 4, "model.hidden_dim": 16})
+    with seeded(11):
+        built = build_vae(config.model, IMAGE_SHAPE)
+    with seeded(11):
+        encoder, decoder = make_networks("mlp", IMAGE_SHAPE, 4, 16)
+        by_hand = VAE(encoder, decoder, make_likelihood("bernoulli", IMAGE_SHAPE), make_prior("standard_normal", 4))
+    assert list(built.state_dict()) == list(by_hand.state_dict())
+    assert all(torch.equal(v, by_hand.state_dict()[k]) for k, v in built.state_dict().items())
+
+
+def test_an_iaf_guide_registers_its_flows_with_pyro():
+    pyro.clear_param_store()
+    config = load_config(None, {"model.z_dim": 2, "model.hidden_dim": 8, "model.guide": "iaf"})
+    vae = build_vae(config.model, IMAGE_SHAPE, name="flowing")
+    with seeded(0):
+        svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+        before = [p.detach().clone() for p in vae.guide_net.parameters()]
+        svi.step(binary_batch(16))
+    store = pyro.get_param_store()
+    for key, param in vae.guide_net.named_parameters():
+        assert store[f"flowing.guide$$${key}"] is param
+    assert any(not torch.equal(a, b) for a, b in zip(before, vae.guide_net.parameters()))
+    pyro.clear_param_store()

@@ -205,3 +205,33 @@ def test_tsne_without_scikit_learn_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_sklearn)
     with pytest.raises(ImportError, match="pip install scikit-learn"):
         embed_latents(torch.randn(10, 3), "tsne")
+
+
+def test_training_animation_has_one_frame_per_epoch_titled_with_its_elbo(tmp_path):
+    from matplotlib.animation import PillowWriter
+    from PIL import Image
+
+    from pyro_vae.plotting import animate_training
+
+    g = torch.Generator().manual_seed(0)
+
+    def images(n):  # as a checkpoint keeps them: uint8, (n, C, H, W)
+        return (torch.rand(n, 1, 6, 5, generator=g) * 255).to(torch.uint8)
+
+    frames = [{"epoch": epoch, "reconstructions": images(4), "samples": images(8)} for epoch in (3, 4, 5)]
+    history = [{"epoch": epoch, "val_elbo": -100.0 + epoch} for epoch in range(1, 6)]
+    animation = animate_training({"inputs": images(4), "frames": frames}, history)
+    path, dpi = tmp_path / "training.gif", 50
+    animation.save(path, writer=PillowWriter(fps=4), dpi=dpi)
+    figure = animation._fig
+    with Image.open(path) as gif:
+        assert gif.n_frames == len(frames)
+        assert gif.size == tuple(round(inches * dpi) for inches in figure.get_size_inches())
+    # the figure shows the last frame: its epoch, its ELBO, its images (inputs, reconstructions, samples)
+    assert figure._suptitle.get_text() == "epoch 5, validation ELBO -95.0"
+    shown = [ax.images[0].get_array() for ax in figure.axes]
+    assert torch.equal(torch.as_tensor(shown[1]), _tile(frames[-1]["reconstructions"].float() / 255, 4))
+    assert tuple(shown[2].shape) == (2 * 6 + 1, 4 * 5 + 3)  # 8 samples in rows of 4, 1-pixel gutters
+
+    with pytest.raises(ValueError, match="no frames"):
+        animate_training({"inputs": images(4), "frames": []}, history)
