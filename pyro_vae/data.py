@@ -421,8 +421,9 @@ def binarize(images: torch.Tensor, generator: torch.Generator | None = None) -> 
 
 def binarize_fast(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """The same distribution as :func:`binarize` (pixel = 1 with probability its grey value),
-    drawn as ``uniform < grey``: about half the time of ``torch.bernoulli`` on a CPU, and it
-    runs for every batch of a dynamically binarized run (other draws than :func:`binarize`'s)."""
+    drawn as ``uniform < grey``: 0.34 s against torch.bernoulli's 0.69 s per 50,000 MNIST images
+    on 2 CPU threads (as measured for issue #12), and it runs for every batch of a dynamically
+    binarized run. The draws differ from :func:`binarize`'s for the same generator."""
     uniform = torch.rand(images.shape, generator=generator, dtype=images.dtype, device=images.device)
     return (uniform < images).to(images.dtype)
 
