@@ -288,20 +288,7 @@ def register_prior(name: str, cls: type | None = None, *, replace: bool = False)
     :returns: ``cls`` (or the decorator).
     :raises ComponentError: the class breaks the contract, or the name is taken.
     """
-    _check_name("prior", name)
-
-    def register(cls):
-        label = _check_module_class("prior", name, cls)
-        declared = getattr(cls, "has_closed_form_kl", None)
-        if declared is not None and not isinstance(declared, bool):
-            _refuse("prior", name, f"{label}.has_closed_form_kl is {declared!r}; leave it out (it is derived) "
-                                   "or set True or False")
-        _check_constructor("prior", name, cls, label)
-        _check_forward("prior", name, cls, label, 0)
-        _add("prior", PRIORS, name, cls, replace)
-        return cls
-
-    return register if cls is None else register(cls)
+    return _register_kl_part("prior", PRIORS, 0, name, cls, replace)
 
 
 def register_networks(name: str, encoder: type, decoder: type, *, replace: bool = False) -> tuple[type, type]:
@@ -382,17 +369,24 @@ def register_guide(name: str, cls: type | None = None, *, replace: bool = False)
     :returns: ``cls`` (or the decorator).
     :raises ComponentError: the class breaks the contract, or the name is taken.
     """
-    _check_name("guide", name)
+    return _register_kl_part("guide", GUIDES, 2, name, cls, replace)
+
+
+def _register_kl_part(kind: str, registry: dict, forward_args: int, name: str, cls, replace: bool):
+    """Register a prior or a guide family (the two sides of the KL): the checks they share,
+    including the optional ``has_closed_form_kl`` declaration. ``forward_args``: the
+    arguments of its ``forward``."""
+    _check_name(kind, name)
 
     def register(cls):
-        label = _check_module_class("guide", name, cls)
+        label = _check_module_class(kind, name, cls)
         declared = getattr(cls, "has_closed_form_kl", None)
         if declared is not None and not isinstance(declared, bool):
-            _refuse("guide", name, f"{label}.has_closed_form_kl is {declared!r}; leave it out (it is derived) "
-                                   "or set True or False")
-        _check_constructor("guide", name, cls, label)
-        _check_forward("guide", name, cls, label, 2)
-        _add("guide", GUIDES, name, cls, replace)
+            _refuse(kind, name, f"{label}.has_closed_form_kl is {declared!r}; leave it out (it is derived) "
+                                "or set True or False")
+        _check_constructor(kind, name, cls, label)
+        _check_forward(kind, name, cls, label, forward_args)
+        _add(kind, registry, name, cls, replace)
         return cls
 
     return register if cls is None else register(cls)
