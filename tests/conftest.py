@@ -139,3 +139,37 @@ def restore_registries():
         registry.update(entries)
     for name in [m for m in sys.modules if m.startswith(PLUGIN_PREFIXES)]:
         del sys.modules[name]
+
+
+@pytest.fixture
+def assert_shards_add_up():
+    """What DDP relies on, as a check: ``check(vae, x, estimator, particles, grad_atol)`` splits
+    the batch ``x`` into 3 shards whose latent draws come from ``SharedNoise`` (as the ranks'
+    would), and asserts that their losses and gradients add up to the whole batch's."""
+    import pyro
+    import torch
+
+    from pyro_vae.distributed import ELBOLoss, SharedNoise, shard_bounds
+    from pyro_vae.elbo import make_elbo
+    from pyro_vae.model import LATENT
+
+    def check(vae, x, estimator: str, particles: int, grad_atol: float = 1e-5) -> None:
+        loss = ELBOLoss(vae, make_elbo(estimator, particles))
+        params = list(vae.parameters())
+        pyro.set_rng_seed(5)
+        full = loss(x, beta=0.7)
+        full_grads = torch.autograd.grad(full, params)
+        total, total_grads = 0.0, [torch.zeros_like(p) for p in params]
+        for rank in range(3):
+            begin, end = shard_bounds(len(x), rank, 3)
+            pyro.set_rng_seed(5)
+            with SharedNoise(LATENT, begin, end, len(x)):
+                part = loss(x[begin:end], beta=0.7)
+            total = total + part
+            for acc, g in zip(total_grads, torch.autograd.grad(part, params)):
+                acc += g
+        torch.testing.assert_close(total, full, rtol=1e-5, atol=1e-4)
+        for a, b in zip(total_grads, full_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=grad_atol)
+
+    return check
