@@ -32,9 +32,28 @@ class DiagonalGaussianMixture(dist.MixtureSameFamily):
     copying its ``(K, D)`` parameters; that case takes the fast path too, others fall back.
     """
 
+    def __init__(self, mixture_distribution, component_distribution, validate_args=None):
+        super().__init__(mixture_distribution, component_distribution, validate_args=validate_args)
+        base = component_distribution.base_dist
+        # The unexpanded (K, D) parameters, carried through ``expand``: indexing them out of a
+        # plate-expanded view would cost a backward pass that fills a zero tensor of the
+        # expanded (N, K, D) shape (17 ms of a 75 ms VampPrior step at batch 256, K = 500).
+        self._shared = (base.loc, base.scale, mixture_distribution.logits) if base.loc.dim() == 2 else None
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(DiagonalGaussianMixture, _instance)
+        new = super().expand(batch_shape, _instance=new)
+        new._shared = getattr(self, "_shared", None)
+        return new
+
     def log_prob(self, value):
         if self._validate_args:
             self._validate_sample(value)
+        shared = getattr(self, "_shared", None)
+        if shared is not None:
+            loc, scale, logits = shared
+            batch_shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+            return self._shared_log_prob(value, loc, scale, logits).expand(batch_shape)
         base = self.component_distribution.base_dist
         loc, scale, logits = base.loc, base.scale, self.mixture_distribution.logits
         lead = loc.dim() - 2
@@ -44,7 +63,11 @@ class DiagonalGaussianMixture(dist.MixtureSameFamily):
         if not shared:
             return super().log_prob(value)
         index = (0,) * lead
-        loc, scale, logits = loc[index].double(), scale[index].double(), logits[index]
+        return self._shared_log_prob(value, loc[index], scale[index], logits[index])
+
+    @staticmethod
+    def _shared_log_prob(value, loc, scale, logits):
+        loc, scale = loc.double(), scale.double()
         z = value.double()
         precision = scale.pow(-2)
         squared = z.pow(2) @ precision.T - 2 * z @ (loc * precision).T + (loc.pow(2) * precision).sum(-1)

@@ -91,20 +91,37 @@ def test_vamp_prior_is_the_mixture_of_posteriors_at_pseudo_inputs():
         make_prior("vamp", Z_DIM)
 
 
-@pytest.mark.parametrize("expanded", [False, True], ids=["as built", "expanded by a plate"])
-def test_mixture_log_prob_matches_the_elementwise_reference(expanded):
+@pytest.mark.parametrize("how", ["as built", "expanded by a plate", "expanded twice", "built expanded"])
+def test_mixture_log_prob_and_its_gradients_match_the_elementwise_reference(how):
+    """Values and parameter gradients agree with torch's elementwise mixture, whether the
+    mixture is used as built, expanded (as ``pyro.plate`` does, once or nested), or built
+    from parameters that are already expanded views (the stride-based path)."""
     torch.manual_seed(3)
-    locs, scales = torch.randn(7, 5) * 2, torch.rand(7, 5) * 0.5 + 0.05
-    logits = torch.randn(7)
-    fast = DiagonalGaussianMixture(dist.Categorical(logits=logits), dist.Normal(locs, scales).to_event(1))
+    locs = (torch.randn(7, 5) * 2).requires_grad_()
+    scales = (torch.rand(7, 5) * 0.5 + 0.05).requires_grad_()
+    logits = torch.randn(7).requires_grad_()
     reference = torch.distributions.MixtureSameFamily(
         torch.distributions.Categorical(logits=logits),
         torch.distributions.Independent(torch.distributions.Normal(locs, scales), 1),
     )
+    if how == "built expanded":
+        fast = DiagonalGaussianMixture(dist.Categorical(logits=logits.expand(6, 7)),
+                                       dist.Normal(locs.expand(6, 7, 5), scales.expand(6, 7, 5)).to_event(1))
+    else:
+        fast = DiagonalGaussianMixture(dist.Categorical(logits=logits), dist.Normal(locs, scales).to_event(1))
     z = torch.randn(4, 6, 5) * 2
-    if expanded:
+    if how == "expanded by a plate":
         fast, reference = fast.expand((6,)), reference.expand((6,))
-    torch.testing.assert_close(fast.log_prob(z), reference.log_prob(z), rtol=1e-5, atol=1e-4)
+    elif how == "expanded twice":
+        fast, reference = fast.expand((6,)).expand((4, 6)), reference.expand((4, 6))
+    fast_value, reference_value = fast.log_prob(z), reference.log_prob(z)
+    assert fast_value.shape == reference_value.shape
+    torch.testing.assert_close(fast_value, reference_value, rtol=1e-5, atol=1e-4)
+    weights = torch.randn(reference_value.shape)  # a generic direction, not only the sum
+    fast_grads = torch.autograd.grad((fast_value * weights).sum(), (locs, scales, logits))
+    reference_grads = torch.autograd.grad((reference_value * weights).sum(), (locs, scales, logits))
+    for fast_grad, reference_grad in zip(fast_grads, reference_grads):
+        torch.testing.assert_close(fast_grad, reference_grad, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("data_domain", ["unit_interval", "real"])
