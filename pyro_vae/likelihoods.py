@@ -22,11 +22,28 @@ from __future__ import annotations
 import pyro.distributions as dist
 import torch
 from torch import nn
+from torch.distributions import constraints
 from torch.nn import functional as F
 
 #: Event dimensions of an image (C, H, W). The heads here take theirs from ``image_shape``
 #: (one for vectors); this constant remains for code written for images only.
 IMAGE_EVENT_DIM = 3
+
+
+class _Real(constraints._Real):
+    """The constraint ``real`` (no NaN; infinities allowed) with a cheaper check.
+
+    ``real.check`` compares every element with itself and the distribution then reduces that
+    boolean tensor: two passes over a decoded chunk, 11 % of a K = 5000 evaluation here. A
+    finite sum has no NaN in it, so one reduction settles almost every call; a sum that is not
+    finite (a NaN, an infinity, or an overflow) falls back to the elementwise check, so the
+    verdict is the same as ``real``'s.
+    """
+
+    def check(self, value):
+        if torch.isfinite(value.sum()):
+            return torch.ones((), dtype=torch.bool, device=value.device)
+        return value == value
 
 
 class BernoulliLogits(dist.Bernoulli):
@@ -35,10 +52,13 @@ class BernoulliLogits(dist.Bernoulli):
     With gradients (training): ``-binary_cross_entropy_with_logits``, whose fused backward
     kernel is the fastest here. Without (evaluation, where K = 5000 importance samples spend
     most of their time in this function): for x in {0, 1}, ``x * l - softplus(l)`` equals
-    ``-softplus((1 - 2x) * l)``, two elementwise passes over the decoded chunk instead of
-    three (the sign ``1 - 2x`` has the shape of ``x``, not of the chunk). Both are stable for
-    saturated logits; validation is untouched (grey values are refused before this).
+    ``log sigmoid((2x - 1) * l)`` (the sign ``2x - 1`` has the shape of ``x``, not of the
+    chunk), computed by :func:`_log_sigmoid_` with vectorized kernels. Both are stable for
+    saturated logits; validation is untouched (grey values are refused before this, NaN logits
+    by :class:`_Real`, the same verdict as Pyro's check for less work).
     """
+
+    arg_constraints = {"probs": constraints.unit_interval, "logits": _Real()}
 
     def log_prob(self, value):
         if self._validate_args:
@@ -48,7 +68,19 @@ class BernoulliLogits(dist.Bernoulli):
             return -F.binary_cross_entropy_with_logits(logits, value.expand_as(logits), reduction="none")
         if not self._validate_args:  # unchecked values may be grey, where the identity fails
             return value * logits - F.softplus(logits)
-        return -F.softplus((1 - 2 * value) * logits)
+        return _log_sigmoid_((2 * value - 1) * logits)
+
+
+def _log_sigmoid_(y: torch.Tensor) -> torch.Tensor:
+    """``log sigmoid(y) = min(y, 0) - log1p(exp(-|y|))`` in place on ``y`` (no gradient).
+
+    Written out because torch's CPU ``logsigmoid`` and ``softplus`` run element by element
+    (about 18 ns per element here), while ``exp`` and ``log1p`` are vectorized: 25 ms instead
+    of 66-80 ms for the 3.9 million logits of a chunk, one thread. Exact for infinite ``y``;
+    NaN stays NaN.
+    """
+    tail = y.abs().neg_().exp_().log1p_()
+    return y.clamp_(max=0).sub_(tail)
 
 
 class Bernoulli(nn.Module):

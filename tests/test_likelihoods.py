@@ -47,6 +47,48 @@ def test_bernoulli_saturated_logits_stay_finite_and_match_torch(grad):
     torch.testing.assert_close(unchecked, torch.distributions.Bernoulli(logits=logits, validate_args=False).log_prob(grey))
 
 
+def test_bernoulli_evaluation_path_matches_torch_over_the_whole_range():
+    """The written-out log sigmoid agrees with torch's at every magnitude, and is exact at +-inf."""
+    torch.manual_seed(0)
+    logits = torch.cat([torch.randn(4000) * 3, torch.randn(4000) * 40, torch.linspace(-100, 100, 2001)])
+    x = (torch.rand_like(logits) < 0.5).float()
+    with torch.no_grad():
+        ours = BernoulliLogits(logits=logits).log_prob(x)
+    reference = torch.distributions.Bernoulli(logits=logits.double()).log_prob(x.double()).float()
+    torch.testing.assert_close(ours, reference, rtol=2e-6, atol=1e-7)
+    infinite = torch.tensor([math.inf, -math.inf, math.inf, -math.inf])
+    with torch.no_grad():
+        limits = BernoulliLogits(logits=infinite).log_prob(torch.tensor([1.0, 0.0, 0.0, 1.0]))
+    assert limits.tolist() == [0.0, 0.0, -math.inf, -math.inf]
+
+
+@pytest.mark.parametrize(
+    "values, has_nan",
+    [
+        ([0.5, -2.0, 7.0], False),
+        ([0.5, math.nan, 7.0], True),
+        ([math.inf, -2.0], False),  # infinities are real values: allowed, as torch's real allows them
+        ([math.inf, -math.inf, 1.0], False),  # a NaN sum without a NaN element
+        ([3e38, 3e38, -1.0], False),  # the sum overflows; the elements are finite
+        ([3e38, 3e38, math.nan], True),
+    ],
+)
+def test_fast_real_constraint_gives_torchs_verdict(values, has_nan):
+    from torch.distributions import constraints
+
+    from pyro_vae.likelihoods import _Real
+
+    value = torch.tensor(values)
+    assert bool(_Real().check(value).all()) == bool(constraints.real.check(value).all()) == (not has_nan)
+    for grad in (True, False):  # validation refuses NaN logits on both paths, as Pyro's check does
+        with torch.set_grad_enabled(grad):
+            if has_nan:
+                with pytest.raises(ValueError, match="found invalid values"):
+                    BernoulliLogits(logits=value)
+            else:
+                BernoulliLogits(logits=value)
+
+
 def test_continuous_bernoulli_includes_its_normalizing_constant():
     logits, x = features_and_data("grey")
     lam = torch.sigmoid(logits)
