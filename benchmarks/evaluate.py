@@ -1,16 +1,21 @@
-"""Where the time of ``pyro-vae evaluate --num-samples 5000`` goes, and what its chunk size costs.
+"""Where the time of ``pyro-vae evaluate --num-samples 5000`` goes, and what the chunk size and
+the form of the Bernoulli log-probability cost.
 
 The importance-sampled log-likelihood decodes K samples of z for every test image: for the
 default 784-400-50 MLP and K = 5000 that is 5 x 10^7 decoder passes over the 10,000 test
 images, whose matrix products are the arithmetic floor. Everything else (the elementwise passes
 of log p(x|z), Pyro's checks of the logits) reads and writes the decoded chunk again, and costs
-little only while that chunk stays in the CPU's caches: the chunk size is the lever.
+little only while that chunk stays in the CPU's caches (the chunk size is one lever) and while
+each pass is vectorized (the other: torch's CPU ``softplus`` runs element by element).
 
-The script times ``pyro_vae.elbo.evaluate`` on the same images and weights with each chunk
-size in turn (alternating, so a change in the machine's load hits all of them), prints the
-median seconds, the ratio to the package's setting and the extrapolation to 10,000 images, then
-a torch profiler table of one setting. A trained run is not needed: the cost does not depend
-on the weights.
+The script times ``pyro_vae.elbo.evaluate`` on the same images and weights in each setting in
+turn (alternating, so a change in the machine's load hits all of them): the chunk size, and the
+log-probability as it was before (``-softplus((1 - 2x) l)`` with Pyro's elementwise NaN check
+of the logits) or as the package has it now (a vectorized log sigmoid, a one-reduction check
+with the same verdict). It prints the median seconds, the ratio to the package's setting and
+the extrapolation to 10,000 images; then the floor: the decoder's forward pass alone over the
+same number of samples; then a torch profiler table of the package's setting. A trained run is
+not needed: the cost does not depend on the weights.
 
     python benchmarks/evaluate.py --data-dir ../shared/data --images 200 --rounds 3
 
@@ -20,24 +25,76 @@ Run it on an otherwise idle machine: with 2 cores, anything else running skews t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
 import torch
+from torch.distributions import constraints
+from torch.nn import functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from pyro_vae import elbo, load_config, load_splits
 from pyro_vae.data import prepare
+from pyro_vae.likelihoods import BernoulliLogits
 from pyro_vae.model import build_vae
 
-#: Chunk sizes compared (elements of one decoded chunk: samples x images x (pixels + z_dim)).
-CHUNKS = {"2**25 (before)": 2**25, "2**23": 2**23, "2**22 (package)": elbo.MAX_CHUNK_ELEMENTS, "2**21": 2**21}
+PACKAGE = "2**22, log sigmoid (package)"
+#: name -> (elements of one decoded chunk: samples x images x (pixels + z_dim), log-prob form)
+SETTINGS = {
+    "2**25, softplus (before #12)": (2**25, "softplus"),
+    "2**22, softplus": (2**22, "softplus"),
+    PACKAGE: (elbo.MAX_CHUNK_ELEMENTS, "package"),
+    "2**21, log sigmoid": (2**21, "package"),
+}
 
 
-def time_evaluate(vae, images, num_samples: int, batch_size: int, max_elements: int) -> float:
+def _softplus_log_prob(self, value):
+    """The evaluation path before: torch's softplus (element by element on the CPU)."""
+    if self._validate_args:
+        self._validate_sample(value)
+    if torch.is_grad_enabled():
+        return -F.binary_cross_entropy_with_logits(self.logits, value.expand_as(self.logits), reduction="none")
+    return -F.softplus((1 - 2 * value) * self.logits)
+
+
+@contextlib.contextmanager
+def log_prob_form(form: str):
+    """BernoulliLogits as the package has it, or with the earlier log-prob and Pyro's NaN check."""
+    saved = BernoulliLogits.log_prob, BernoulliLogits.arg_constraints
+    if form == "softplus":
+        BernoulliLogits.log_prob = _softplus_log_prob
+        BernoulliLogits.arg_constraints = {"probs": constraints.unit_interval, "logits": constraints.real}
+    try:
+        yield
+    finally:
+        BernoulliLogits.log_prob, BernoulliLogits.arg_constraints = saved
+
+
+def time_evaluate(vae, images, num_samples: int, batch_size: int, setting: tuple[int, str]) -> float:
+    max_elements, form = setting
+    package_chunk = elbo.MAX_CHUNK_ELEMENTS
     elbo.MAX_CHUNK_ELEMENTS = max_elements
+    try:
+        with log_prob_form(form):
+            started = time.perf_counter()
+            elbo.evaluate(vae, images, num_samples=num_samples, batch_size=batch_size)
+            return time.perf_counter() - started
+    finally:
+        elbo.MAX_CHUNK_ELEMENTS = package_chunk
+
+
+@torch.no_grad()
+def time_decoder_alone(vae, images, num_samples: int, batch_size: int) -> float:
+    """The decoder's forward pass over as many z as ``evaluate`` decodes, in the package's chunks."""
+    z_dim = vae.encode(images[:1]).event_shape[-1]
+    per_sample = batch_size * (images[0].numel() + z_dim)
+    chunk = max(50, elbo.MAX_CHUNK_ELEMENTS // per_sample // 50 * 50)
+    z = torch.randn(chunk, batch_size, z_dim)
     started = time.perf_counter()
-    elbo.evaluate(vae, images, num_samples=num_samples, batch_size=batch_size)
+    for _ in range(len(images) // batch_size):
+        for start in range(0, num_samples, chunk):
+            vae.decoder(z[: min(chunk, num_samples - start)])
     return time.perf_counter() - started
 
 
@@ -56,24 +113,25 @@ def main() -> None:
     splits = load_splits(config.data.dataset, args.data_dir)
     images = prepare(splits.test, config.data.binarize).images[: args.images]
     vae = build_vae(config.model, images.shape[1:]).eval()
-    package_setting = elbo.MAX_CHUNK_ELEMENTS
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; default MLP VAE, K = {args.num_samples}, "
           f"{len(images)} test images, batches of {args.batch_size}")
-    time_evaluate(vae, images[: args.batch_size], 50, args.batch_size, package_setting)  # warm-up
-    seconds = {name: [] for name in CHUNKS}
+    time_evaluate(vae, images[: args.batch_size], 50, args.batch_size, SETTINGS[PACKAGE])  # warm-up
+    seconds = {name: [] for name in SETTINGS}
+    floor = []
     for _ in range(args.rounds):
-        for name, elements in CHUNKS.items():
-            seconds[name].append(time_evaluate(vae, images, args.num_samples, args.batch_size, elements))
-    elbo.MAX_CHUNK_ELEMENTS = package_setting
-    reference = statistics.median(seconds["2**22 (package)"])
-    print(f"{'max chunk elements':>20} {'median s':>9} {'ratio':>6} {'10,000 images':>14}")
-    for name, values in seconds.items():
-        median = statistics.median(values)
+        for name, setting in SETTINGS.items():
+            seconds[name].append(time_evaluate(vae, images, args.num_samples, args.batch_size, setting))
+        floor.append(time_decoder_alone(vae, images, args.num_samples, args.batch_size))
+    reference = statistics.median(seconds[PACKAGE])
+    print(f"{'setting':>32} {'median s':>9} {'ratio':>6} {'10,000 images':>14}")
+    rows = {**{name: statistics.median(values) for name, values in seconds.items()},
+            "decoder forward alone (floor)": statistics.median(floor)}
+    for name, median in rows.items():
         minutes = median * 10_000 / len(images) / 60
-        print(f"{name:>20} {median:9.2f} {median / reference:6.2f} {minutes:11.1f} min")
+        print(f"{name:>32} {median:9.2f} {median / reference:6.2f} {minutes:11.1f} min")
     if not args.no_profile:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            time_evaluate(vae, images[: args.batch_size], args.num_samples, args.batch_size, package_setting)
+            time_evaluate(vae, images[: args.batch_size], args.num_samples, args.batch_size, SETTINGS[PACKAGE])
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 

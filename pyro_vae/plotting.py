@@ -331,8 +331,9 @@ def plot_estimator_comparison(records: list[dict]) -> Figure:
     return fig
 
 
-def plot_learning_curves(histories: dict[str, list[dict]]) -> Figure:
-    """Validation ELBO per epoch of several runs, one line each (e.g. one per estimator)."""
+def plot_learning_curves(histories: dict[str, list[dict]], legend_title: str = "trained with") -> Figure:
+    """Validation ELBO per epoch of several runs, one line each (e.g. one per estimator), under
+    ``legend_title`` (what tells the runs apart)."""
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.add_subplot()
     for name, history in histories.items():
@@ -340,7 +341,7 @@ def plot_learning_curves(histories: dict[str, list[dict]]) -> Figure:
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation ELBO (nats per image)")
     ax.grid(alpha=0.3)
-    ax.legend(title="trained with")
+    ax.legend(title=legend_title)
     return fig
 
 

@@ -98,6 +98,9 @@ def test_comparison_figures():
     assert len(plot_estimator_comparison(records).axes) == 3
     curves = plot_learning_curves({"mc": [{"epoch": 1, "val_elbo": -120.0}], "iwae:5": [{"epoch": 1, "val_elbo": -118.0}]})
     assert [line.get_label() for line in curves.axes[0].get_lines()] == ["mc", "iwae:5"]
+    assert curves.axes[0].get_legend().get_title().get_text() == "trained with"
+    guides = plot_learning_curves({"gaussian": [{"epoch": 1, "val_elbo": -120.0}]}, legend_title="guide family")
+    assert guides.axes[0].get_legend().get_title().get_text() == "guide family"
 
 
 def test_interpolations_put_the_ends_around_each_path():
