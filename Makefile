@@ -31,7 +31,7 @@ SEEDS ?= 1-20
 test-seeds: install
 	$(BIN)/python -m pytest -m statistical --seed $(SEEDS) $(PYTEST_ARGS)
 
-# Execute the notebooks in place, full setting (about 52 minutes on 2 CPU cores: 4 + 30 + 9 + 7 + 2, as they saved).
+# Execute the notebooks in place, full setting (about 58 minutes on 2 CPU cores: 4 + 30 + 9 + 7 + 2 + 6, as they saved).
 notebooks: install
 	$(BIN)/python notebooks/execute.py
 

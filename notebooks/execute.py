@@ -4,7 +4,7 @@
 
 Names select notebooks by prefix (``01``, ``03_analytic``); none means all of them. The kernel
 runs in the repository root, so runs go to ``runs/notebooks/<notebook>/``, and reads MNIST from
-``$PYRO_VAE_DATA``. The full setting is the default (about 52 minutes for the five on a 2-core
+``$PYRO_VAE_DATA``. The full setting is the default (about 58 minutes for the six on a 2-core
 CPU, the sum of the times the notebooks saved: run it on a quiet machine, as each notebook
 saves its own wall-clock time);
 ``--smoke`` sets ``PYRO_VAE_SMOKE=1`` for the small setting the tests use, in about a minute.

@@ -1,0 +1,129 @@
+"""The training recipe one ingredient at a time: ``configs/mnist_long.toml`` (the package's best
+measured config) as it ships and with one ingredient of issue #12 added per row, every row
+trained for the same wall-clock time.
+
+The package trains for a number of epochs (the learning-rate schedule spans them), so "the same
+time" is set by epochs: each row first times a few hundred training images in its own setting
+(``--calibration-batches`` batches), then trains for as many epochs as ``--minutes`` hold at
+that speed. The measured training time of each row is printed beside its numbers, so a row that
+ran longer or shorter than the budget shows it. Each trained model is evaluated on the test
+images (binarized once, as ``pyro-vae evaluate`` does) with K importance samples.
+
+    python benchmarks/recipe.py --data-dir ../shared/data --minutes 60 --num-samples 5000
+
+A full table is ``--minutes`` times the number of rows plus the evaluations: about 9 hours at
+the defaults on a 2-core CPU. ``--rows`` picks some rows (by key); finished rows are reused
+(``OUT/ROW/recipe.json``) and an interrupted row continues from its checkpoint. Run it on an
+otherwise idle machine: the budget is wall-clock time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+import pyro_vae
+from pyro_vae.data import prepare
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+BASE = CONFIGS / "mnist_long.toml"
+
+#: key -> (what the row changes, overrides of mnist_long.toml)
+ROWS = {
+    "long": ("configs/mnist_long.toml as shipped", {}),
+    "59k_images": ("+ 59,000 training images (1,000 held out)", {"data.val_size": 1_000}),
+    "bias_init": ("+ output bias at the logit of the mean pixel", {"model.init_output_bias": True}),
+    "vamp": ("+ VampPrior, 500 pseudo-inputs", {"model.prior": "vamp", "model.prior_options": {"num_components": 500}}),
+    "stl": ("+ stl gradients", {"objective.elbo": "stl"}),
+    "iwae_dreg5": ("+ iwae_dreg, K = 5", {"objective.elbo": "iwae_dreg", "objective.num_particles": 5}),
+    "iaf": ("+ IAF guide, 2 flows", {"model.guide": "iaf", "model.guide_options": {"num_flows": 2}}),
+    "gated": ("+ gated MLP units", {"model.arch": "gated_mlp"}),
+}
+
+
+def epochs_for(config, splits, minutes: float, calibration_batches: int) -> tuple[int, float]:
+    """Epochs of ``config`` that fit in ``minutes`` here, and the seconds per epoch measured."""
+    batch = config.train.batch_size
+    probe = config.replace(**{"train.epochs": 2})
+    data = pyro_vae.Splits(train=splits.train.head(calibration_batches * batch), val=splits.val, test=splits.test)
+    history = pyro_vae.fit(probe, data, progress=False).history
+    per_image = history[-1]["seconds"] / (calibration_batches * batch)  # the second epoch: warm caches
+    # each epoch also scores the validation images once (about a third of a training step's work per image)
+    per_epoch = per_image * (len(splits.train) + len(splits.val) / 3)
+    return max(1, math.floor(minutes * 60 / per_epoch)), per_epoch
+
+
+def run_row(key: str, out: Path, splits_for, minutes: float, num_samples: int, test_images: int,
+            calibration_batches: int) -> dict:
+    row_dir = out / key
+    result_path = row_dir / "recipe.json"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    change, overrides = ROWS[key]
+    config = pyro_vae.load_config(BASE, overrides)
+    splits = splits_for(config)
+    run_dir = row_dir / "run"
+    if (run_dir / "checkpoint.pt").exists():  # an interrupted row continues with its epochs
+        checkpoint = pyro_vae.load_checkpoint(run_dir)
+        epochs, per_epoch = checkpoint["config"]["train"]["epochs"], float("nan")
+    else:
+        checkpoint = None
+        epochs, per_epoch = epochs_for(config, splits, minutes, calibration_batches)
+    config = config.replace(**{"train.epochs": epochs})
+    started = time.perf_counter()
+    fitted = pyro_vae.fit(config, splits, run_dir=run_dir, checkpoint=checkpoint, progress=True)
+    if not fitted.completed:
+        raise SystemExit(f"stopped during {key}; run the same command again to continue")
+    train_minutes = (time.perf_counter() - started) / 60
+    torch.manual_seed(0)
+    test = prepare(splits.test, config.data.binarize)
+    images = test.images[:test_images] if test_images else test.images
+    result = pyro_vae.evaluate(fitted.vae, images, num_samples=num_samples, seed=0, progress=True)
+    result.update({"row": key, "change": change, "overrides": overrides, "epochs": epochs,
+                   "calibrated_seconds_per_epoch": per_epoch, "train_minutes": train_minutes,
+                   "budget_minutes": minutes})
+    row_dir.mkdir(parents=True, exist_ok=True)
+    result_path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{key}: {epochs} epochs, {train_minutes:.1f} min; test ELBO {result['test_elbo']:.2f}, "
+          f"log-likelihood {result['test_log_likelihood']:.2f} (K = {num_samples})", flush=True)
+    return result
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", default=None, help="folder holding MNIST/raw (default: $PYRO_VAE_DATA)")
+    parser.add_argument("--minutes", type=float, default=60.0, help="training time of every row (default 60)")
+    parser.add_argument("--num-samples", type=int, default=5000, help="K of the evaluation (default 5000)")
+    parser.add_argument("--test-images", type=int, default=0, help="first N test images (default 0: all 10,000)")
+    parser.add_argument("--calibration-batches", type=int, default=40, help="batches timed per row (default 40)")
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="rows to run (default all)")
+    parser.add_argument("--out", default="runs/recipe")
+    args = parser.parse_args(argv)
+
+    loaded = {}
+
+    def splits_for(config):
+        key = (config.data.dataset, config.data.val_size)
+        if key not in loaded:
+            loaded[key] = pyro_vae.load_splits(config.data.dataset, args.data_dir, val_size=config.data.val_size)
+        return loaded[key]
+
+    results = [run_row(key, Path(args.out), splits_for, args.minutes, args.num_samples, args.test_images,
+                       args.calibration_batches) for key in args.rows]
+    reference = results[0]["test_log_likelihood"]
+    k = args.num_samples
+    print(f"\n| row | epochs | training minutes | test ELBO | test log-likelihood (K = {k}) | vs first row |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        print(f"| {r['change']} | {r['epochs']} | {r['train_minutes']:.1f} | {r['test_elbo']:.2f} | "
+              f"{r['test_log_likelihood']:.2f} | {r['test_log_likelihood'] - reference:+.2f} |")
+    print(f"\n{results[0]['num_images']} test images; every row trained for about {args.minutes:g} minutes")
+
+
+if __name__ == "__main__":
+    main()
