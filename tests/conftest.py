@@ -173,3 +173,19 @@ def assert_shards_add_up():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=grad_atol)
 
     return check
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """``pyro-vae`` in this process: ``run_cli(*argv)`` gives (exit status, stdout, stderr)."""
+    from pyro_vae import cli
+
+    def run(*argv) -> tuple[int, str, str]:
+        try:
+            status = cli.main(list(argv))
+        except SystemExit as exit:
+            status = exit.code
+        captured = capsys.readouterr()
+        return status, captured.out, captured.err
+
+    return run

@@ -116,16 +116,7 @@ def _npy_images(path, n: int = 120):
 TINY = ["--set", "model.hidden_dim=16", "--set", "model.z_dim=2", "--set", "train.batch_size=32", "--quiet"]
 
 
-def call(*argv, capsys) -> tuple[int, str, str]:
-    try:
-        status = cli.main(list(argv))
-    except SystemExit as exit:
-        status = exit.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
-
-
-def test_the_cli_without_tensorboard_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+def test_the_cli_without_tensorboard_says_how_to_install_it(tmp_path, run_cli, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
 
     def trap(*args, **kwargs):
@@ -135,25 +126,23 @@ def test_the_cli_without_tensorboard_says_how_to_install_it(tmp_path, capsys, mo
     monkeypatch.setattr(cli, "fit", trap)
     data = _npy_images(tmp_path / "images.npy")
     for flags in (["--tensorboard"], ["--set", "train.tensorboard=true"]):
-        status, _, err = call("train", "--data", str(data), *TINY, *flags, "--out", str(tmp_path / "run"),
-                              capsys=capsys)
+        status, _, err = run_cli("train", "--data", str(data), *TINY, *flags, "--out", str(tmp_path / "run"))
         lines = err.strip().splitlines()
         assert status == 2 and len(lines) == 1, err
         assert lines[0].startswith("pyro-vae: error: ") and INSTALL_TENSORBOARD in lines[0]
     assert not (tmp_path / "run").exists()
 
 
-def test_train_with_tensorboard_resume_and_plot_the_gif(tmp_path, capsys):
+def test_train_with_tensorboard_resume_and_plot_the_gif(tmp_path, run_cli):
     data, run = _npy_images(tmp_path / "images.npy"), tmp_path / "run"
-    status, _, err = call("train", "--data", str(data), *TINY, "--epochs", "2", "--tensorboard", "--out", str(run),
-                          capsys=capsys)
+    status, _, err = run_cli("train", "--data", str(data), *TINY, "--epochs", "2", "--tensorboard", "--out", str(run))
     assert status == 0, err
     assert load_checkpoint(run)["config"]["train"]["tensorboard"] is True
-    status, _, err = call("train", "--resume", str(run), "--epochs", "3", capsys=capsys)
+    status, _, err = run_cli("train", "--resume", str(run), "--epochs", "3")
     assert status == 0, err
     assert_events_match_metrics(run, 3)
 
-    status, out, err = call("plot", str(run), capsys=capsys)
+    status, out, err = run_cli("plot", str(run))
     assert status == 0, err
     gif = run / "training.gif"
     assert str(gif) in out.splitlines()
@@ -164,30 +153,30 @@ def test_train_with_tensorboard_resume_and_plot_the_gif(tmp_path, capsys):
     assert gif.stat().st_size < 200_000
 
 
-def test_plot_skips_the_gif_with_a_note_for_runs_without_snapshots(tmp_path, capsys):
+def test_plot_skips_the_gif_with_a_note_for_runs_without_snapshots(tmp_path, run_cli):
     data, run = _npy_images(tmp_path / "images.npy"), tmp_path / "run"
-    assert call("train", "--data", str(data), *TINY, "--epochs", "1", "--out", str(run), capsys=capsys)[0] == 0
+    assert run_cli("train", "--data", str(data), *TINY, "--epochs", "1", "--out", str(run))[0] == 0
     state = load_checkpoint(run)
     del state["snapshots"]  # as a run saved before snapshots were kept
     save_checkpoint(state, run / CHECKPOINT_NAME)
-    status, out, err = call("plot", str(run), capsys=capsys)
+    status, out, err = run_cli("plot", str(run))
     assert status == 0, err
     assert err.strip().splitlines() == ["note: no training.gif: it was trained before runs kept a snapshot of each epoch"]
     assert not (run / "training.gif").exists() and (run / "reconstructions.png").exists()
 
 
-def test_vector_data_keep_no_snapshots_and_plot_says_why(tmp_path, capsys):
+def test_vector_data_keep_no_snapshots_and_plot_says_why(tmp_path, run_cli):
     rng = np.random.default_rng(0)
     vectors = tmp_path / "vectors.npy"
     np.save(vectors, (rng.normal(size=(120, 3)) @ rng.normal(size=(3, 10))).astype(np.float32))
     run = tmp_path / "run"
-    status, _, err = call("train", "--data", str(vectors), *TINY, "--likelihood", "gaussian_learned", "--set",
-                          "data.binarize=none", "--epochs", "1", "--tensorboard", "--out", str(run), capsys=capsys)
+    status, _, err = run_cli("train", "--data", str(vectors), *TINY, "--likelihood", "gaussian_learned", "--set",
+                          "data.binarize=none", "--epochs", "1", "--tensorboard", "--out", str(run))
     assert status == 0, err
     assert load_checkpoint(run)["snapshots"] is None
     accumulator = assert_events_match_metrics(run, 1)  # the scalars, and no image grids of vectors
     assert accumulator.Tags()["images"] == []
-    status, _, err = call("plot", str(run), capsys=capsys)
+    status, _, err = run_cli("plot", str(run))
     assert status == 0, err
     assert "note: no training.gif: its data are vectors" in err and not (run / "training.gif").exists()
 

@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-from pyro_vae import cli
 from pyro_vae.checkpoint import load_checkpoint
 
 N = 120  # items per dataset: 96 train, 12 validation, 12 test with the default fractions
@@ -55,15 +54,6 @@ def write_arrays(path, kind: str):
     return path
 
 
-def call(*argv, capsys) -> tuple[int, str, str]:
-    try:
-        status = cli.main(list(argv))
-    except SystemExit as exit:
-        status = exit.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
-
-
 def one_line_error(status, err, *words):
     assert status == 2, err
     lines = [line for line in err.splitlines() if line.strip()]
@@ -84,41 +74,40 @@ FORMATS = {
 
 
 @pytest.mark.parametrize("name", FORMATS)
-def test_train_evaluate_plot_resume_on_each_format(name, tmp_path, capsys):
+def test_train_evaluate_plot_resume_on_each_format(name, tmp_path, run_cli):
     make, extra = FORMATS[name]
     source = make(tmp_path)
     run = tmp_path / "run"
-    status, out, err = call("train", "--data", str(source), *TINY, *extra, "--epochs", "1", "--out", str(run),
-                            capsys=capsys)
+    status, out, err = run_cli("train", "--data", str(source), *TINY, *extra, "--epochs", "1", "--out", str(run))
     assert status == 0, err
     state = load_checkpoint(run)
     assert state["data"]["fingerprint"] and state["data"]["kind"] in ("folder", "array")
     assert state["config"]["data"]["dataset"] == str(source)
 
-    status, out, err = call("evaluate", str(run), "-k", "4", "--quiet", capsys=capsys)
+    status, out, err = run_cli("evaluate", str(run), "-k", "4", "--quiet")
     assert status == 0, err
     result = json.loads(out)
     assert result["num_images"] == 12 and np.isfinite(result["test_log_likelihood"])
 
-    status, out, err = call("plot", str(run), capsys=capsys)
+    status, out, err = run_cli("plot", str(run))
     assert status == 0, err
     assert (run / "latent_space.png").stat().st_size > 1000
 
-    status, out, err = call("train", "--resume", str(run), "--epochs", "2", capsys=capsys)
+    status, out, err = run_cli("train", "--resume", str(run), "--epochs", "2")
     assert status == 0, err
     assert load_checkpoint(run)["epoch"] == 2
 
 
-def test_a_changed_file_is_refused_and_a_moved_one_is_found(tmp_path, capsys):
+def test_a_changed_file_is_refused_and_a_moved_one_is_found(tmp_path, run_cli):
     source = write_arrays(tmp_path / "images.npy", "npy-images")
     run = tmp_path / "run"
-    assert call("train", "--data", str(source), *TINY, "--epochs", "1", "--out", str(run), capsys=capsys)[0] == 0
+    assert run_cli("train", "--data", str(source), *TINY, "--epochs", "1", "--out", str(run))[0] == 0
 
     moved = tmp_path / "elsewhere.npy"
     source.rename(moved)
-    status, _, err = call("evaluate", str(run), "-k", "2", "--quiet", capsys=capsys)
+    status, _, err = run_cli("evaluate", str(run), "-k", "2", "--quiet")
     assert status == 2 and "images.npy" in err, err  # gone: one line saying where it looked
-    status, _, err = call("evaluate", str(run), "-k", "2", "--quiet", "--data", str(moved), capsys=capsys)
+    status, _, err = run_cli("evaluate", str(run), "-k", "2", "--quiet", "--data", str(moved))
     assert status == 0, err
 
     changed = np.load(moved)
@@ -126,7 +115,7 @@ def test_a_changed_file_is_refused_and_a_moved_one_is_found(tmp_path, capsys):
     np.save(moved, changed)
     for command in (["evaluate", str(run), "-k", "2"], ["plot", str(run)], ["train", "--resume", str(run), "--epochs", "2"],
                     ["compare-elbo", str(run), "--repeats", "1", "--grad-samples", "2"]):
-        one_line_error(*call(*command, "--data", str(moved), capsys=capsys)[::2], "fingerprint")
+        one_line_error(*run_cli(*command, "--data", str(moved))[::2], "fingerprint")
 
 
 PLUGIN = textwrap.dedent('''
@@ -167,7 +156,7 @@ PLUGIN = textwrap.dedent('''
 
 @pytest.mark.usefixtures("restore_registries")
 @pytest.mark.parametrize("how", ["flags", "config"])
-def test_a_plugin_registers_parts_used_by_name_through_evaluate_and_resume(how, tmp_path, capsys):
+def test_a_plugin_registers_parts_used_by_name_through_evaluate_and_resume(how, tmp_path, run_cli):
     plugin = tmp_path / "my_parts.py"
     plugin.write_text(PLUGIN)
     source = write_arrays(tmp_path / "images.npy", "npy-images")
@@ -179,8 +168,8 @@ def test_a_plugin_registers_parts_used_by_name_through_evaluate_and_resume(how, 
         config.write_text('[data]\nbinarize = "none"\n[model]\nlikelihood = "squashed_normal"\nprior = "student_t"\n'
                           'prior_options = { df = 3.0 }\n')
         choose = ["--config", str(config)]
-    status, _, err = call("train", "--plugin", str(plugin), "--data", str(source), *TINY, *choose,
-                          "--set", "data.binarize=none", "--epochs", "1", "--out", str(run), capsys=capsys)
+    status, _, err = run_cli("train", "--plugin", str(plugin), "--data", str(source), *TINY, *choose,
+                          "--set", "data.binarize=none", "--epochs", "1", "--out", str(run))
     assert status == 0, err
     assert load_checkpoint(run)["plugins"] == [str(plugin.resolve())]
     # a fresh process knows nothing of the plugin: the run imports it again
@@ -190,8 +179,6 @@ def test_a_plugin_registers_parts_used_by_name_through_evaluate_and_resume(how, 
         assert done.returncode == 0, done.stderr
 
 
-def test_a_missing_plugin_is_one_line(tmp_path, capsys):
-    one_line_error(*call("train", "--plugin", str(tmp_path / "nowhere.py"), "--out", str(tmp_path / "run"),
-                         capsys=capsys)[::2], "nowhere.py")
-    one_line_error(*call("train", "--plugin", "no_such_module_here", "--out", str(tmp_path / "run"),
-                         capsys=capsys)[::2], "no_such_module_here")
+def test_a_missing_plugin_is_one_line(tmp_path, run_cli):
+    one_line_error(*run_cli("train", "--plugin", str(tmp_path / "nowhere.py"), "--out", str(tmp_path / "run"))[::2], "nowhere.py")
+    one_line_error(*run_cli("train", "--plugin", "no_such_module_here", "--out", str(tmp_path / "run"))[::2], "no_such_module_here")
