@@ -87,10 +87,10 @@ def time_evaluate(vae, images, num_samples: int, batch_size: int, setting: tuple
 @torch.no_grad()
 def time_decoder_alone(vae, images, num_samples: int, batch_size: int) -> float:
     """The decoder's forward pass over as many z as ``evaluate`` decodes, in the package's chunks."""
-    z_dim = vae.encode(images[:1]).event_shape[-1]
-    per_sample = batch_size * (images[0].numel() + z_dim)
-    chunk = max(50, elbo.MAX_CHUNK_ELEMENTS // per_sample // 50 * 50)
-    z = torch.randn(chunk, batch_size, z_dim)
+    prior = vae.prior()
+    ks = [k for k in elbo.BOUND_KS if k <= num_samples]
+    chunk = elbo._chunk_size(prior, images[:batch_size], num_samples, ks)
+    z = torch.randn(chunk, batch_size, prior.event_shape[-1])
     started = time.perf_counter()
     for _ in range(len(images) // batch_size):
         for start in range(0, num_samples, chunk):

@@ -294,6 +294,15 @@ def _elements_per_sample(prior, pixels: int) -> int:
     return pixels + components * prior.event_shape[-1]
 
 
+def _chunk_size(prior, x: torch.Tensor, num_samples: int, ks: list[int]) -> int:
+    """Samples of z per chunk for the batch ``x``: under :data:`MAX_CHUNK_ELEMENTS` elements,
+    a multiple of every K in ``ks`` (whole groups for the bounds), at least one group."""
+    group = math.lcm(*ks) if ks else 1
+    per_sample = x.shape[0] * _elements_per_sample(prior, x[0].numel())
+    chunk = max(1, min(num_samples, MAX_CHUNK_ELEMENTS // per_sample))
+    return max(group, chunk - chunk % group)
+
+
 @torch.no_grad()
 def importance_sampled(vae, x: torch.Tensor, num_samples: int, bound_ks=BOUND_KS) -> Estimates:
     """Importance-sampled log-likelihood and ELBO (split into its terms) of each image of ``x``.
@@ -307,10 +316,7 @@ def importance_sampled(vae, x: torch.Tensor, num_samples: int, bound_ks=BOUND_KS
     q = vae.encode(x)
     prior = vae.prior()
     ks = [k for k in bound_ks if k <= num_samples]
-    group = math.lcm(*ks) if ks else 1
-    per_sample = x.shape[0] * _elements_per_sample(prior, x[0].numel())
-    chunk = max(1, min(num_samples, MAX_CHUNK_ELEMENTS // per_sample))
-    chunk = max(group, chunk - chunk % group)
+    chunk = _chunk_size(prior, x, num_samples, ks)
     zeros = torch.zeros(x.shape[:1], device=x.device)
     log_sum = torch.full(x.shape[:1], -math.inf, device=x.device)
     reconstruction, kl = zeros.clone(), zeros.clone()

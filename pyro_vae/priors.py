@@ -28,8 +28,9 @@ class DiagonalGaussianMixture(dist.MixtureSameFamily):
     points per image, that dominated evaluation. Expanding the square,
     ``sum_d (z_d - m_kd)^2 / s_kd^2 = z^2 @ (1/s^2)^T - 2 z @ (m/s^2)^T + sum_d m_kd^2 / s_kd^2``
     gives ``(N, K)`` with two products, computed in float64 because the expanded terms are large
-    and nearly cancel near a narrow component (tests compare it with torch's elementwise form). ``pyro.plate`` expands the mixture without
-    copying its ``(K, D)`` parameters; that case takes the fast path too, others fall back.
+    and nearly cancel near a narrow component (tests compare it with torch's elementwise form).
+    The fast path needs one set of ``(K, D)`` parameters, which ``expand`` (as ``pyro.plate``
+    does) carries along; a mixture built from batched parameters falls back to torch's form.
     """
 
     def __init__(self, mixture_distribution, component_distribution, validate_args=None):
@@ -43,27 +44,16 @@ class DiagonalGaussianMixture(dist.MixtureSameFamily):
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(DiagonalGaussianMixture, _instance)
         new = super().expand(batch_shape, _instance=new)
-        new._shared = getattr(self, "_shared", None)
+        new._shared = self._shared
         return new
 
     def log_prob(self, value):
         if self._validate_args:
             self._validate_sample(value)
-        shared = getattr(self, "_shared", None)
-        if shared is not None:
-            loc, scale, logits = shared
-            batch_shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
-            return self._shared_log_prob(value, loc, scale, logits).expand(batch_shape)
-        base = self.component_distribution.base_dist
-        loc, scale, logits = base.loc, base.scale, self.mixture_distribution.logits
-        lead = loc.dim() - 2
-        shared = all(stride == 0 for t in (loc, scale) for stride in t.stride()[:lead]) and all(
-            stride == 0 for stride in logits.stride()[:lead]
-        )
-        if not shared:
+        if self._shared is None:  # built from batched parameters: torch's elementwise form
             return super().log_prob(value)
-        index = (0,) * lead
-        return self._shared_log_prob(value, loc[index], scale[index], logits[index])
+        batch_shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+        return self._shared_log_prob(value, *self._shared).expand(batch_shape)
 
     @staticmethod
     def _shared_log_prob(value, loc, scale, logits):

@@ -95,7 +95,7 @@ def test_vamp_prior_is_the_mixture_of_posteriors_at_pseudo_inputs():
 def test_mixture_log_prob_and_its_gradients_match_the_elementwise_reference(how):
     """Values and parameter gradients agree with torch's elementwise mixture, whether the
     mixture is used as built, expanded (as ``pyro.plate`` does, once or nested), or built
-    from parameters that are already expanded views (the stride-based path)."""
+    from parameters that are already expanded views (torch's elementwise form)."""
     torch.manual_seed(3)
     locs = (torch.randn(7, 5) * 2).requires_grad_()
     scales = (torch.rand(7, 5) * 0.5 + 0.05).requires_grad_()
