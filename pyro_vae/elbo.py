@@ -74,13 +74,25 @@ class _DetachedScores(NamedTuple):
     """The guide's draw and both programs' log-densities at a detached copy of it."""
 
     z: torch.Tensor  # the latent site's reparameterized draw, its graph to the guide's parameters kept
-    z0: torch.Tensor  # the same values as a leaf that requires grad: the densities are scored there
+    z0: torch.Tensor  # the same values as a leaf that requires grad, the densities scored there; or z itself
     log_p: torch.Tensor  # log p(x, z0), shape (K, B), scaled and masked as the model's sites
     log_q: torch.Tensor  # log q(z0|x), shape (K, B), scaled and masked as the guide's site
 
 
+def _with_detached_parameters(fn):
+    """A diagonal Gaussian ``fn`` (``Normal``, possibly expanded and ``Independent``) with its
+    parameters detached, or None for any other family (a flow's parameters live in its
+    transforms' networks, out of reach of a copy)."""
+    event_dims = 0
+    while isinstance(fn, torch.distributions.Independent):
+        event_dims, fn = event_dims + fn.reinterpreted_batch_ndims, fn.base_dist
+    if type(fn) not in (pyro.distributions.Normal, torch.distributions.Normal):
+        return None
+    return pyro.distributions.Normal(fn.loc.detach(), fn.scale.detach()).to_event(event_dims)
+
+
 def _score_at_detached_draws(model, guide, num_particles: int, max_plate_nesting: int, args,
-                             kwargs) -> _DetachedScores:
+                             kwargs, stop_score_by_detaching: bool = False) -> _DetachedScores:
     """Draw K particles from the guide, then score model and guide at ``z0 = z.detach()``.
 
     The model is replayed at ``z0``, so its parameters get gradients at fixed z; ``log q(z0|x)``
@@ -89,6 +101,12 @@ def _score_at_detached_draws(model, guide, num_particles: int, max_plate_nesting
     a flow guide ``fn.log_prob(z0)`` misses Pyro's transform cache (keyed on the drawn tensor,
     not on a copy) and inverts the flow: right, and slower (for an autoregressive flow, one
     network pass per latent dimension).
+
+    ``stop_score_by_detaching``: where the guide's family allows it (a diagonal Gaussian),
+    score both programs at ``z`` itself, ``log q`` from a copy of the guide's distribution with
+    its parameters detached; ``z0`` is then ``z``. The gradient of ``log p - log q`` is already
+    the path derivative (Roeder et al.'s own form), so one backward pass gives it, where the
+    detached draw needs a second pass through the decoder for ``d log w / dz``.
     """
     with pyro.plate("iwae_particles", num_particles, dim=-(max_plate_nesting + 1)):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
@@ -104,13 +122,17 @@ def _score_at_detached_draws(model, guide, num_particles: int, max_plate_nesting
             raise ValueError(f"path-derivative estimators need a reparameterized guide; site {name!r} draws from "
                              f"{type(site['fn']).__name__}, which has no rsample")
         z = site["value"]
-        z0 = z.detach().requires_grad_(torch.is_grad_enabled())
-        replayed = guide_trace.copy()  # a copy of the node table: the guide's own node keeps z
-        replayed.nodes[name] = {**site, "value": z0}
+        frozen = _with_detached_parameters(site["fn"]) if stop_score_by_detaching else None
+        if frozen is not None:
+            z0, q, replayed = z, frozen, guide_trace
+        else:
+            z0, q = z.detach().requires_grad_(torch.is_grad_enabled()), site["fn"]
+            replayed = guide_trace.copy()  # a copy of the node table: the guide's own node keeps z
+            replayed.nodes[name] = {**site, "value": z0}
         model_trace = poutine.trace(poutine.replay(model, trace=replayed)).get_trace(*args, **kwargs)
     model_trace.compute_log_prob()
     log_p = sum(s["log_prob"] for s in model_trace.nodes.values() if s["type"] == "sample")
-    log_q = scale_and_mask(site["fn"].log_prob(z0, *site["args"], **site["kwargs"]), site["scale"], site["mask"])
+    log_q = scale_and_mask(q.log_prob(z0, *site["args"], **site["kwargs"]), site["scale"], site["mask"])
     return _DetachedScores(z, z0, log_p, log_q)
 
 
@@ -147,7 +169,9 @@ class STL_ELBO:
     ``(1/K) sum_k d log w_k / dz_k dz_k/dphi``. The same expectation, and none of the noise that
     term adds: with the exact posterior as guide, ``log w`` is constant in z and the guide's
     gradient is exactly zero on every draw. Any reparameterized guide with one latent site;
-    site scales (beta) and masks apply as in the ELBO.
+    site scales (beta) and masks apply as in the ELBO. A diagonal Gaussian guide is scored at
+    the draw with its parameters detached (one backward pass, the cost of ``mc``); another
+    family at a detached copy of the draw, which takes ``d log w / dz`` in a second pass.
 
     :param num_particles: K, the draws per datapoint, as one vectorized batch.
     :param max_plate_nesting: plates in the model; the particles get the next dimension left.
@@ -162,9 +186,12 @@ class STL_ELBO:
         self.max_plate_nesting = max_plate_nesting
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        scores = _score_at_detached_draws(model, guide, self.num_particles, self.max_plate_nesting, args, kwargs)
-        uniform = torch.full_like(scores.log_p, 1.0 / self.num_particles)
+        scores = _score_at_detached_draws(model, guide, self.num_particles, self.max_plate_nesting, args, kwargs,
+                                          stop_score_by_detaching=True)
         bound = (scores.log_p - scores.log_q).sum() / self.num_particles
+        if scores.z0 is scores.z:  # scored at z with q's parameters detached: the gradient is STL's
+            return -bound
+        uniform = torch.full_like(scores.log_p, 1.0 / self.num_particles)
         return _path_derivative_loss(scores, uniform, uniform, bound)
 
     def loss(self, model, guide, *args, **kwargs) -> float:
