@@ -71,7 +71,8 @@ class IWAE_ELBO:
 
 
 class _DetachedScores(NamedTuple):
-    """The guide's draw and both programs' log-densities at a detached copy of it."""
+    """The guide's draw and both programs' log-densities at a detached copy of it (or at the
+    draw itself, for :func:`_score_at_detached_draws`'s ``stop_score_by_detaching``)."""
 
     z: torch.Tensor  # the latent site's reparameterized draw, its graph to the guide's parameters kept
     z0: torch.Tensor  # the same values as a leaf that requires grad, the densities scored there; or z itself
@@ -170,8 +171,9 @@ class STL_ELBO:
     term adds: with the exact posterior as guide, ``log w`` is constant in z and the guide's
     gradient is exactly zero on every draw. Any reparameterized guide with one latent site;
     site scales (beta) and masks apply as in the ELBO. A diagonal Gaussian guide is scored at
-    the draw with its parameters detached (one backward pass, the cost of ``mc``); another
-    family at a detached copy of the draw, which takes ``d log w / dz`` in a second pass.
+    the draw with its parameters detached (one backward pass: 1.05x ``mc``'s step, measured by
+    ``benchmarks/estimators.py``); another family at a detached copy of the draw, which takes
+    ``d log w / dz`` in a second pass.
 
     :param num_particles: K, the draws per datapoint, as one vectorized batch.
     :param max_plate_nesting: plates in the model; the particles get the next dimension left.
