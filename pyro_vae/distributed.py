@@ -100,6 +100,13 @@ def setup(device: str | torch.device = "auto") -> Runtime:
     if launched_world_size() == 1:
         return Runtime(device)
     if device.type == "cuda":
+        # NCCL refuses two ranks on one GPU ("invalid usage"), and only once every rank has
+        # joined: a message that reads like a lost connection. Say what is wrong before that.
+        processes, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+        if processes > gpus:
+            raise ValueError(f"device 'cuda': {processes} processes on this machine but {gpus} GPU(s), and NCCL "
+                             f"needs one GPU per process; start torchrun with --nproc_per_node={gpus}, or train "
+                             "with --device cpu (gloo)")
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

@@ -35,7 +35,9 @@ def seeded(seed: int, device: torch.device | str | None = None) -> Iterator[None
     if device.type != "cpu":
         module = torch.get_device_module(device.type)
         devices = [device.index if device.index is not None else module.current_device()]
-    with torch.random.fork_rng(devices=devices, device_type=device.type if module else None):
+    # devices=[] forks the CPU generator alone; the type is named all the same, since some torch
+    # versions (2.11) read device_type=None as torch.device(None) where a GPU is present.
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
         torch.default_generator.manual_seed(seed)  # not torch.manual_seed: it reseeds every accelerator
         for index in devices:
             with module.device(index):

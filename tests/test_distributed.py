@@ -21,7 +21,7 @@ from pyro import poutine
 from pyro_vae.checkpoint import load_checkpoint
 from pyro_vae.config import load_config
 from pyro_vae.data import load_splits
-from pyro_vae.distributed import SharedNoise, resolve_device, shard_bounds
+from pyro_vae.distributed import SharedNoise, resolve_device, setup, shard_bounds
 from pyro_vae.model import LATENT, build_vae
 from pyro_vae.train import fit
 
@@ -100,6 +100,18 @@ def test_devices():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             resolve_device("cuda")
+
+
+def test_more_processes_than_gpus_is_refused_before_nccl_starts(monkeypatch):
+    # two ranks on one GPU: NCCL fails only once both have joined, with "invalid usage"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: pytest.fail("NCCL was started"))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda *a: pytest.fail("a GPU was claimed"))
+    for name, value in {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=r"2 processes on this machine but 1 GPU.*--nproc_per_node=1"):
+        setup("cuda")
 
 
 def test_fit_on_an_explicit_device_matches_the_default(splits, tiny_config):

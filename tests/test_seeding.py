@@ -44,6 +44,22 @@ def test_preserved_undoes_pyro_set_rng_seed():
     assert_same(before, states())
 
 
+def test_seeded_names_the_device_type_it_forks(monkeypatch):
+    # torch 2.11 with a GPU present reads device_type=None as torch.device(None) and fails:
+    # evaluate --device cpu of a run on a CUDA machine did. Every call must name a type.
+    calls, fork = [], torch.random.fork_rng
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("device_type"))
+        return fork(*args, **kwargs)
+
+    monkeypatch.setattr(torch.random, "fork_rng", recording)
+    for device in (None, "cpu", torch.device("cpu")):
+        with seeded(1, device):
+            torch.randn(1)
+    assert calls == ["cpu"] * 3
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_seeded_on_cuda_draws_as_manual_seed_and_restores_both_states():
     device = torch.device("cuda", 0)
