@@ -139,13 +139,35 @@ def plot_latent_scatter(points: torch.Tensor, labels: torch.Tensor | None, title
     return fig
 
 
-def plot_training_curves(history: list[dict]) -> Figure:
-    """Training loss and validation ELBO per epoch, from ``metrics.jsonl`` records."""
+def training_objective_label(objective, history: list[dict]) -> str:
+    """What minus the training loss is: the ELBO only for an ELBO estimator at beta = 1 with
+    the reconstruction term at full weight; the K-sample bound for ``iwae`` and ``iwae_dreg``.
+
+    :param objective: the run's :class:`~pyro_vae.config.ObjectiveConfig`; ``None``: unknown.
+    :param history: the ``metrics.jsonl`` records, whose ``beta`` says where a schedule had beta < 1.
+    """
+    if objective is None:
+        return "train objective (-loss, running mean)"
+    if objective.elbo in ("iwae", "iwae_dreg"):
+        what = f"train IWAE bound, K = {objective.num_particles}"
+    else:
+        what = "train ELBO"
+    if objective.reconstruction_weight != 1:
+        what += f" (reconstruction weighted {objective.reconstruction_weight:g})"
+    if any(r.get("beta", objective.beta) != 1 for r in history):
+        what += " (KL weighted by beta where beta != 1)"
+    return what + " (-loss, running mean)"
+
+
+def plot_training_curves(history: list[dict], objective=None) -> Figure:
+    """Minus the training loss and the validation ELBO per epoch, from ``metrics.jsonl``
+    records; ``objective`` (the run's :class:`~pyro_vae.config.ObjectiveConfig`) names the
+    first (:func:`training_objective_label`), which is not the ELBO for every objective."""
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.add_subplot()
     epochs = [r["epoch"] for r in history]
     train, val = [-r["train_loss"] for r in history], [r["val_elbo"] for r in history]
-    ax.plot(epochs, train, marker=".", label="train ELBO (-loss, running mean)")
+    ax.plot(epochs, train, marker=".", label=training_objective_label(objective, history))
     ax.plot(epochs, val, marker=".", label="validation ELBO")
     if len(history) >= 10:  # the first epochs are far below the rest: zoom on the last 90 %
         tail = train[len(train) // 10 :] + val[len(val) // 10 :]
@@ -247,13 +269,15 @@ def plot_latent_traversals(vae, image: torch.Tensor, dims, scores=None, what: st
 
 @torch.no_grad()
 def make_figures(vae, images: torch.Tensor, labels: torch.Tensor | None, history: list[dict],
-                 seed: int = 0, embedding: str = "pca", traversal_dims: int = 10) -> dict[str, Figure]:
+                 seed: int = 0, embedding: str = "pca", traversal_dims: int = 10, objective=None) -> dict[str, Figure]:
     """All figures of a run, by file stem: reconstructions, samples, latent space, manifold
     (when z is 2-D and the data are images), latent traversals (images) and training curves.
     ``images`` are held-out data as the model sees them, ``(N, C, H, W)`` or vectors
     ``(N, D)``, on ``vae``'s device; ``labels`` ``(N,)`` colour the latent space (``None``:
     no labels). ``embedding`` (:func:`embed_latents`) draws a latent space of more than two
     dimensions; ``traversal_dims``: the rows of the traversal figure (the most informative).
+    ``objective`` names the training curve (:func:`plot_training_curves`); by default that of
+    ``vae.config`` where the VAE has one (:func:`~pyro_vae.checkpoint.load_run` sets it).
 
     The samples are drawn from torch's generators seeded with ``seed`` inside
     :func:`~pyro_vae.seeding.seeded`: the same seed draws the same samples, and the caller's
@@ -286,7 +310,9 @@ def make_figures(vae, images: torch.Tensor, labels: torch.Tensor | None, history
         order, scores, what = informative_dimensions(vae, images[:1000])
         figures["latent_traversals"] = plot_latent_traversals(vae, images[0], order[:traversal_dims], scores, what)
     if history:
-        figures["training_curves"] = plot_training_curves(history)
+        if objective is None and hasattr(vae, "config"):
+            objective = vae.config.objective
+        figures["training_curves"] = plot_training_curves(history, objective)
     return figures
 
 

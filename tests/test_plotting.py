@@ -18,6 +18,7 @@ from pyro_vae.plotting import (
     plot_learning_curves,
     plot_manifold,
     plot_rate_distortion,
+    plot_training_curves,
     principal_components,
 )
 from pyro_vae.plotting import embed_latents, informative_dimensions, plot_latent_traversals
@@ -238,3 +239,22 @@ def test_training_animation_has_one_frame_per_epoch_titled_with_its_elbo(tmp_pat
 
     with pytest.raises(ValueError, match="no frames"):
         animate_training({"inputs": images(4), "frames": []}, history)
+
+
+def test_the_training_curve_names_the_objective_it_shows():
+    constant = [{"epoch": 1, "train_loss": 50.0, "val_elbo": -48.0, "beta": 1.0},
+                {"epoch": 2, "train_loss": 40.0, "val_elbo": -41.0, "beta": 1.0}]
+    warmup = [dict(record, beta=beta) for record, beta in zip(constant, (0.0, 1.0))]
+
+    def label(history, **overrides):
+        objective = None if overrides.get("unknown") else load_config(None, overrides).objective
+        axes = plot_training_curves(history, objective).axes[0]
+        return axes.get_legend_handles_labels()[1][0]
+
+    assert label(constant) == "train ELBO (-loss, running mean)"
+    assert label(constant, **{"objective.elbo": "stl"}) == "train ELBO (-loss, running mean)"
+    assert label(constant, **{"objective.elbo": "iwae_dreg", "objective.num_particles": 5}).startswith(
+        "train IWAE bound, K = 5 ")
+    assert "beta" in label(warmup) and "ELBO" in label(warmup)
+    assert "reconstruction weighted 0.5" in label(constant, **{"objective.reconstruction_weight": 0.5})
+    assert label(constant, unknown=True) == "train objective (-loss, running mean)"
