@@ -310,8 +310,8 @@ def make_figures(vae, images: torch.Tensor, labels: torch.Tensor | None, history
         order, scores, what = informative_dimensions(vae, images[:1000])
         figures["latent_traversals"] = plot_latent_traversals(vae, images[0], order[:traversal_dims], scores, what)
     if history:
-        if objective is None and hasattr(vae, "config"):
-            objective = vae.config.objective
+        if objective is None:  # a VAE built by hand may have no config, or a config of its own
+            objective = getattr(getattr(vae, "config", None), "objective", None)
         figures["training_curves"] = plot_training_curves(history, objective)
     return figures
 
