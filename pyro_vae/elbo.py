@@ -252,6 +252,9 @@ ELBOS = {
     "iwae_dreg": DReG_IWAE_ELBO,  # the IWAE bound; doubly reparameterized guide gradient
 }
 
+#: The estimators whose value is the K-sample IWAE bound (K = num_particles), not the ELBO.
+IWAE_BOUNDS = frozenset({"iwae", "iwae_dreg"})
+
 #: Upper bound on the elements of one decoded chunk (samples x images x pixels), unless one
 #: group of the largest bound's K needs more. 2**22 float32 values are 16 MiB: the decoder's
 #: output stays in the CPU's caches for the elementwise passes of log p(x|z) that follow it.

@@ -14,6 +14,7 @@ from matplotlib import colormaps
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
+from .elbo import IWAE_BOUNDS
 from .seeding import seeded
 
 #: Colours of classes: up to 10 or 20 classes get distinct qualitative colours; more classes
@@ -148,7 +149,7 @@ def training_objective_label(objective, history: list[dict]) -> str:
     """
     if objective is None:
         return "train objective (-loss, running mean)"
-    if objective.elbo in ("iwae", "iwae_dreg"):
+    if objective.elbo in IWAE_BOUNDS:
         what = f"train IWAE bound, K = {objective.num_particles}"
     else:
         what = "train ELBO"
