@@ -154,9 +154,9 @@ def training_objective_label(objective, history: list[dict]) -> str:
     else:
         what = "train ELBO"
     if objective.reconstruction_weight != 1:
-        what += f" (reconstruction weighted {objective.reconstruction_weight:g})"
+        what += f", reconstruction weighted {objective.reconstruction_weight:g}"
     if any(r.get("beta", objective.beta) != 1 for r in history):
-        what += " (KL weighted by beta where beta != 1)"
+        what += ", KL weighted by beta where beta != 1"
     return what + " (-loss, running mean)"
 
 
