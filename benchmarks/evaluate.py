@@ -5,14 +5,15 @@ The importance-sampled log-likelihood decodes K samples of z for every test imag
 default 784-400-50 MLP and K = 5000 that is 5 x 10^7 decoder passes over the 10,000 test
 images, whose matrix products are the arithmetic floor. Everything else (the elementwise passes
 of log p(x|z), Pyro's checks of the logits) reads and writes the decoded chunk again, and costs
-little only while that chunk stays in the CPU's caches (the chunk size is one lever) and while
-each pass is vectorized (the other: torch's CPU ``softplus`` runs element by element).
+little only while that chunk stays in the CPU's caches (the chunk size is one lever) and
+depends on how the log-probability is written (the other).
 
 The script times ``pyro_vae.elbo.evaluate`` on the same images and weights in each setting in
 turn (alternating, so a change in the machine's load hits all of them): the chunk size, and the
-log-probability as it was before (``-softplus((1 - 2x) l)`` with Pyro's elementwise NaN check
-of the logits) or as the package has it now (a vectorized log sigmoid, a one-reduction check
-with the same verdict). It prints the median seconds, the ratio to the package's setting and
+log-probability as it was before #12 (``-softplus((1 - 2x) l)`` with Pyro's elementwise NaN
+check of the logits), with torch's one ``logsigmoid`` kernel, or as the package has it (the log
+sigmoid written out of ``exp`` and ``log1p`` in place; these two with a one-reduction NaN check
+of the same verdict). It prints the median seconds, the ratio to the package's setting and
 the extrapolation to 10,000 images; then the floor: the decoder's forward pass alone over the
 same number of samples; then a torch profiler table of the package's setting. A trained run is
 not needed: the cost does not depend on the weights.
@@ -39,18 +40,27 @@ from pyro_vae.data import prepare
 from pyro_vae.likelihoods import BernoulliLogits
 from pyro_vae.model import build_vae
 
-PACKAGE = "2**22, log sigmoid (package)"
+PACKAGE = "2**22, exp and log1p written out (package)"
 #: name -> (elements of one decoded chunk: samples x images x (pixels + z_dim), log-prob form)
 SETTINGS = {
     "2**25, softplus (before #12)": (2**25, "softplus"),
     "2**22, softplus": (2**22, "softplus"),
+    "2**22, torch logsigmoid": (2**22, "logsigmoid"),
     PACKAGE: (elbo.MAX_CHUNK_ELEMENTS, "package"),
-    "2**21, log sigmoid": (2**21, "package"),
 }
 
 
+def _logsigmoid_log_prob(self, value):
+    """torch's one ``logsigmoid`` kernel in place of the package's chain of in-place passes."""
+    if self._validate_args:
+        self._validate_sample(value)
+    if torch.is_grad_enabled():
+        return -F.binary_cross_entropy_with_logits(self.logits, value.expand_as(self.logits), reduction="none")
+    return F.logsigmoid((2 * value - 1) * self.logits)
+
+
 def _softplus_log_prob(self, value):
-    """The evaluation path before: torch's softplus (element by element on the CPU)."""
+    """The evaluation path before #12: torch's softplus of the signed logits."""
     if self._validate_args:
         self._validate_sample(value)
     if torch.is_grad_enabled():
@@ -60,8 +70,11 @@ def _softplus_log_prob(self, value):
 
 @contextlib.contextmanager
 def log_prob_form(form: str):
-    """BernoulliLogits as the package has it, or with the earlier log-prob and Pyro's NaN check."""
+    """BernoulliLogits as the package has it, or with another form of its log-prob (softplus with
+    Pyro's NaN check, as before #12; torch's logsigmoid)."""
     saved = BernoulliLogits.log_prob, BernoulliLogits.arg_constraints
+    if form == "logsigmoid":
+        BernoulliLogits.log_prob = _logsigmoid_log_prob
     if form == "softplus":
         BernoulliLogits.log_prob = _softplus_log_prob
         BernoulliLogits.arg_constraints = {"probs": constraints.unit_interval, "logits": constraints.real}
