@@ -278,7 +278,8 @@ def make_figures(vae, images: torch.Tensor, labels: torch.Tensor | None, history
     no labels). ``embedding`` (:func:`embed_latents`) draws a latent space of more than two
     dimensions; ``traversal_dims``: the rows of the traversal figure (the most informative).
     ``objective`` names the training curve (:func:`plot_training_curves`); by default that of
-    ``vae.config`` where the VAE has one (:func:`~pyro_vae.checkpoint.load_run` sets it).
+    ``vae.config`` where the VAE has one (:func:`~pyro_vae.checkpoint.load_run` sets it; after
+    :func:`~pyro_vae.train.fit`, pass ``objective=result.config.objective``).
 
     The samples are drawn from torch's generators seeded with ``seed`` inside
     :func:`~pyro_vae.seeding.seeded`: the same seed draws the same samples, and the caller's
