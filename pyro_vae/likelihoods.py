@@ -74,11 +74,11 @@ class BernoulliLogits(dist.Bernoulli):
 def _log_sigmoid_(y: torch.Tensor) -> torch.Tensor:
     """``log sigmoid(y) = min(y, 0) - log1p(exp(-|y|))`` in place on ``y`` (no gradient).
 
-    Written out of in-place passes because it makes the whole K = 5000 evaluation the fastest
-    of the forms timed side by side by ``benchmarks/evaluate.py`` here (torch 2.14.1, 2 threads):
-    torch's one ``logsigmoid`` kernel took 1.23 times as long, the ``softplus`` form 1.02 times,
-    although on one chunk alone ``logsigmoid`` is as fast (why it loses inside the evaluation,
-    cache or allocation, is not measured apart). Exact for infinite ``y``; NaN stays NaN.
+    Written out of in-place passes: in the whole K = 5000 evaluation timed side by side by
+    ``benchmarks/evaluate.py`` here (torch 2.14.1, 2 threads), torch's one ``logsigmoid``
+    kernel took 1.24 times as long and the ``softplus`` form as long (1.00), although on one
+    chunk alone ``logsigmoid`` is as fast (why it loses inside the evaluation, cache or
+    allocation, is not measured apart). Exact for infinite ``y``; NaN stays NaN.
     """
     tail = y.abs().neg_().exp_().log1p_()
     return y.clamp_(max=0).sub_(tail)
