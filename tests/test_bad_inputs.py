@@ -225,6 +225,7 @@ REFUSED = {
     "evaluate-limit-word": (["evaluate", "{norun}", "--limit", "all"], ["--limit", "integer"]),
     "evaluate-seed-negative": (["evaluate", "{norun}", "--seed", "-1"], ["--seed", "between 0"]),
     "evaluate-device-unknown": (["evaluate", "{norun}", "--device", "gpu"], ["--device", "gpu"]),
+    "evaluate-compile-unknown": (["evaluate", "{norun}", "--compile", "yes"], ["--compile", "'yes'", "auto"]),
     "evaluate-no-run-dir": (["evaluate"], ["RUN_DIR", "required"]),
     "evaluate-run-missing": (["evaluate", "{norun}"], ["no checkpoint", "no-run"]),
     "evaluate-run-is-file": (["evaluate", "{file}"], ["no checkpoint", "file.txt"]),

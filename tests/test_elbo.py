@@ -187,3 +187,36 @@ def test_iwae_bound_tightens_with_k_towards_log_px(seed):
     total = exact.mean().item()
     assert bounds[1] < bounds[5] < bounds[50] < total
     assert total - bounds[50] < 0.25 * (total - bounds[1])
+
+
+def test_evaluate_compiles_the_bernoulli_score_only_when_it_pays(monkeypatch):
+    """``compiled=None`` decides by the decoded values against FUSE_MIN_ELEMENTS; True and False
+    force it; the numbers of the two forms agree to float32 rounding."""
+    from pyro_vae import likelihoods
+    from pyro_vae.config import ModelConfig
+    from pyro_vae.model import build_vae
+
+    calls = []
+    kernel = likelihoods._compiled_log_sigmoid_sum
+
+    def spy(logits, sign):
+        calls.append(logits.shape)
+        return kernel(logits, sign)
+
+    monkeypatch.setattr(likelihoods, "_compiled_log_sigmoid_sum", spy)
+    torch.manual_seed(0)
+    vae = build_vae(ModelConfig(z_dim=4, hidden_dim=16), (1, 6, 6)).eval()
+    images = torch.bernoulli(torch.full((30, 1, 6, 6), 0.3))
+    eager = evaluate(vae, images, num_samples=50, batch_size=10)
+    assert calls == []  # 50 * 30 * 36 values: far below FUSE_MIN_ELEMENTS
+    fused = evaluate(vae, images, num_samples=50, batch_size=10, compiled=True)
+    assert len(calls) == 3 and calls[0][-1] == 36
+    monkeypatch.setattr(elbo_module, "FUSE_MIN_ELEMENTS", 50 * images.numel())
+    evaluate(vae, images, num_samples=50, batch_size=10)
+    assert len(calls) == 6
+    evaluate(vae, images, num_samples=50, batch_size=10, compiled=False)
+    assert len(calls) == 6
+    for key in ("test_log_likelihood", "test_elbo", "test_reconstruction", "test_kl"):
+        assert fused[key] == pytest.approx(eager[key], rel=1e-5, abs=1e-4), key
+    with pytest.raises(ValueError, match="compiled"):
+        evaluate(vae, images, num_samples=5, compiled="yes")

@@ -158,3 +158,87 @@ def test_every_likelihood_declares_its_data():
         make_likelihood("poisson")
     with pytest.raises(ValueError, match="image_shape"):
         make_likelihood("bernoulli")
+
+
+# --- the compiled kernel of the evaluation (likelihoods.fused_log_prob) ------------------------------
+
+@pytest.mark.parametrize("n", [1, 35, 64, 65, 784, 1000])
+def test_log_sigmoid_sum_by_groups_is_the_sum_of_log_sigmoids(n):
+    """The grouping (one log per product of up to 64 factors, padded with 1) is exact algebra:
+    in float64 it agrees with torch's logsigmoid summed to 1e-10, from logits of every size."""
+    from pyro_vae.likelihoods import _log_sigmoid_sum
+
+    g = torch.Generator().manual_seed(n)
+    logits = torch.randn(3, 4, n, generator=g, dtype=torch.float64) * torch.tensor([0.5, 5.0, 50.0]).view(3, 1, 1)
+    sign = torch.randint(0, 2, (4, n), generator=g).double() * 2 - 1
+    expected = torch.nn.functional.logsigmoid(logits * sign).sum(-1)
+    torch.testing.assert_close(_log_sigmoid_sum(logits, sign), expected, rtol=0, atol=1e-10)
+
+
+def test_log_sigmoid_sum_in_float32_stays_within_its_rounding_bound():
+    """In float32, against the float64 sum: each value loses at most 2**-23 nats to the grouping,
+    and a float32 sum of n terms of one sign errs by at most (n - 1) * 2**-24 times its magnitude."""
+    from pyro_vae.likelihoods import _log_sigmoid_sum
+
+    g = torch.Generator().manual_seed(0)
+    n = 784
+    logits = torch.randn(50, n, generator=g) * 4
+    logits[:, :100] *= 10  # saturated values, whose exp(-|y|) is below float32's resolution next to 1
+    sign = torch.randint(0, 2, (n,), generator=g).float() * 2 - 1
+    expected = torch.nn.functional.logsigmoid((logits * sign).double()).sum(-1)
+    error = (_log_sigmoid_sum(logits, sign).double() - expected).abs()
+    bound = n * 2**-23 + (n - 1) * 2**-24 * expected.abs()
+    assert (error <= bound).all(), (error - bound).max()
+
+
+def test_compiled_log_prob_agrees_with_eager_keeps_validation_and_is_exact_at_infinity():
+    import warnings
+
+    from pyro_vae.likelihoods import _compiled_log_sigmoid_sum, fused_log_prob
+
+    head = make_likelihood("bernoulli", (1, 28, 28))
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5, 1, 28, 28, generator=g) * 5
+    logits[0, 0, 0, 0, :4] = torch.tensor([math.inf, -math.inf, math.inf, -math.inf])
+    x = torch.bernoulli(torch.full((5, 1, 28, 28), 0.3), generator=g)
+    x[0, 0, 0, :4] = torch.tensor([1.0, 0.0, 0.0, 1.0])  # scores 0, 0, -inf, -inf: image 0 of row 0 is -inf
+    with torch.no_grad():
+        eager = head(logits).log_prob(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a failed compile would warn and fall back: not here
+            with fused_log_prob():
+                fused = head(logits).log_prob(x)
+                again = head(logits).log_prob(x)
+    assert _compiled_log_sigmoid_sum.compiled is not None and not _compiled_log_sigmoid_sum.failed
+    assert eager[0, 0] == fused[0, 0] == -math.inf
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-4)
+    assert torch.equal(fused, again)  # the same computation repeated: bit for bit
+    # torch's compiler switches off torch.distributions' validation for the process; the package restores it
+    assert torch.distributions.Distribution._validate_args
+    with torch.no_grad(), fused_log_prob(), pytest.raises(ValueError):
+        head(logits).log_prob(torch.full_like(x, 0.5))
+    with pytest.raises(ValueError):
+        head(torch.full_like(logits, math.nan))
+
+
+def test_a_failed_compile_warns_once_and_scores_in_eager_torch(monkeypatch):
+    from pyro_vae import likelihoods
+    from pyro_vae.likelihoods import fused_log_prob
+
+    def broken_compile(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("no C++ compiler found")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(likelihoods, "_compiled_log_sigmoid_sum", likelihoods._CompiledKernel())
+    head = make_likelihood("bernoulli", SHAPE)
+    logits, x = features_and_data("binary")
+    with torch.no_grad():
+        eager = head(logits).log_prob(x)
+        with fused_log_prob(), pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found"):
+            first = head(logits).log_prob(x)
+        with fused_log_prob():
+            second = head(logits).log_prob(x)  # no second warning: the fall-back is remembered
+    assert likelihoods._compiled_log_sigmoid_sum.failed
+    assert torch.equal(first, eager) and torch.equal(second, eager)
