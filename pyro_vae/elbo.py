@@ -265,9 +265,10 @@ MAX_CHUNK_ELEMENTS = 2**22
 
 #: Decoded values (samples x images x values of a datum) from which :func:`evaluate` on a CPU
 #: scores Bernoulli pixels by a compiled kernel (:func:`~pyro_vae.likelihoods.fused_log_prob`).
-#: Its compile takes a few seconds per chunk shape and it saves about 5 ns a value here
-#: (``benchmarks/evaluate.py``): from 2**32 values on (K = 1000 on the 10,000 MNIST test images
-#: is 7.8 x 10^9) it saves more than it costs; smaller evaluations, the tests', stay eager.
+#: Its compile takes 3 to 9 seconds (warm or cold cache on disk) and it saves about 1.7 ns a value
+#: here (``benchmarks/evaluate.py``: 7.89 against 9.23 s for 7.8 x 10^8 values): at 2**32
+#: values the two about cancel, above they save (K = 1000 on the 10,000 MNIST test images is
+#: 7.8 x 10^9 values, K = 5000 3.9 x 10^10); smaller evaluations, the tests', stay eager.
 FUSE_MIN_ELEMENTS = 2**32
 
 
