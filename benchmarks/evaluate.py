@@ -54,22 +54,24 @@ SETTINGS = {
 }
 
 
-def _logsigmoid_log_prob(self, value):
-    """torch's one ``logsigmoid`` kernel in place of the package's chain of in-place passes."""
-    if self._validate_args:
-        self._validate_sample(value)
-    if torch.is_grad_enabled():
-        return -F.binary_cross_entropy_with_logits(self.logits, value.expand_as(self.logits), reduction="none")
-    return F.logsigmoid((2 * value - 1) * self.logits)
+def _evaluation_form(score):
+    """A ``BernoulliLogits.log_prob`` that scores without gradients by ``score(signed logits)``
+    (the sign ``2x - 1`` times the logits); validation and the training path as the package's."""
+
+    def log_prob(self, value):
+        if self._validate_args:
+            self._validate_sample(value)
+        if torch.is_grad_enabled():
+            return -F.binary_cross_entropy_with_logits(self.logits, value.expand_as(self.logits), reduction="none")
+        return score((2 * value - 1) * self.logits)
+
+    return log_prob
 
 
-def _softplus_log_prob(self, value):
-    """The evaluation path before #12: torch's softplus of the signed logits."""
-    if self._validate_args:
-        self._validate_sample(value)
-    if torch.is_grad_enabled():
-        return -F.binary_cross_entropy_with_logits(self.logits, value.expand_as(self.logits), reduction="none")
-    return -F.softplus((1 - 2 * value) * self.logits)
+#: torch's one ``logsigmoid`` kernel in place of the package's chain of in-place passes
+_logsigmoid_log_prob = _evaluation_form(F.logsigmoid)
+#: the evaluation path before #12: torch's softplus of the signed logits
+_softplus_log_prob = _evaluation_form(lambda signed: -F.softplus(-signed))
 
 
 @contextlib.contextmanager

@@ -414,8 +414,8 @@ def evaluate(vae, images: torch.Tensor, num_samples: int = 1000, batch_size: int
     ``compiled``: score Bernoulli pixels by one compiled kernel
     (:func:`~pyro_vae.likelihoods.fused_log_prob`; other likelihoods are unaffected). ``None``
     (the default) compiles on a CPU from :data:`FUSE_MIN_ELEMENTS` decoded values on, where it
-    pays; the two forms agree to about 1e-4 nats an image (float32 rounding), and each is
-    reproducible.
+    pays; the two forms differ by the float32 rounding of the sum over the pixels (about 1e-4
+    nats at a few hundred nats an image), and each is reproducible.
     """
     from .guides import representative_code
 
