@@ -81,9 +81,9 @@ def _log_sigmoid_(y: torch.Tensor) -> torch.Tensor:
 
     Written out of in-place passes: in the whole K = 5000 evaluation timed side by side by
     ``benchmarks/evaluate.py`` here (torch 2.14.1, 2 threads), torch's one ``logsigmoid``
-    kernel took 1.24 and 1.28 times as long in two runs, the ``softplus`` form 1.00 and 1.03, although on one
-    chunk alone ``logsigmoid`` is as fast (why it loses inside the evaluation, cache or
-    allocation, is not measured apart). Exact for infinite ``y``; NaN stays NaN.
+    kernel took 1.24 and 1.28 times as long in two runs, the ``softplus`` form 1.00 and 1.03,
+    although on one chunk alone ``logsigmoid`` is as fast (why it loses inside the evaluation,
+    cache or allocation, is not measured apart). Exact for infinite ``y``; NaN stays NaN.
     """
     tail = y.abs().neg_().exp_().log1p_()
     return y.clamp_(max=0).sub_(tail)
