@@ -162,10 +162,11 @@ def test_every_likelihood_declares_its_data():
 
 # --- the compiled kernel of the evaluation (likelihoods.fused_log_prob) ------------------------------
 
-@pytest.mark.parametrize("n", [1, 35, 64, 65, 784, 1000])
+@pytest.mark.parametrize("n", [1, 15, 16, 35, 64, 65, 784, 1024, 1025, 3072])
 def test_log_sigmoid_sum_by_groups_is_the_sum_of_log_sigmoids(n):
-    """The grouping (one log per product of up to 64 factors, padded with 1) is exact algebra:
-    in float64 it agrees with torch's logsigmoid summed to 1e-10, from logits of every size."""
+    """The grouping (one log per product of up to 64 factors, in lanes of 16, padded with 1) is
+    exact algebra: in float64 it agrees with torch's logsigmoid summed to 1e-10, from logits of
+    every size (one block of rows up to 1,024 values, several above)."""
     from pyro_vae.likelihoods import _log_sigmoid_sum
 
     g = torch.Generator().manual_seed(n)
