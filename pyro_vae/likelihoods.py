@@ -136,9 +136,9 @@ def _log_sigmoid_sum(logits: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     """
     y = logits * sign
     n = y.shape[-1]
-    rows = -(-n // _LANES)
-    blocks = -(-rows // _GROUP)
-    rows = -(-rows // blocks)  # rows per block, at most _GROUP: the least padding
+    all_rows = -(-n // _LANES)
+    blocks = -(-all_rows // _GROUP)
+    rows = -(-all_rows // blocks)  # rows per block, at most _GROUP: the least padding
     factors = F.pad(torch.exp(-y.abs()) + 1, (0, blocks * rows * _LANES - n), value=1.0)
     products = factors.unflatten(-1, (blocks, rows, _LANES)).prod(-2)
     return y.clamp(max=0).sum(-1) - products.log().sum((-2, -1))
