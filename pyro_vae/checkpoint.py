@@ -21,6 +21,9 @@ from pathlib import Path
 
 import torch
 
+from .config import from_dict
+from .model import build_vae
+
 CHECKPOINT_NAME = "checkpoint.pt"
 #: Keys every checkpoint written by :func:`pyro_vae.fit` has.
 REQUIRED_KEYS = ("config", "image_shape", "model", "optimizer", "rng", "epoch", "step", "history")
@@ -183,9 +186,6 @@ def load_run(run_dir: str | Path, vae=None):
     ``vae.model(x)`` and ``vae.guide(x)`` work with Pyro's ``SVI``; ``vae.encode(x)`` is
     q(z|x), ``vae.decode(z)`` is p(x|z), ``vae.prior()`` is p(z).
     """
-    from .config import from_dict
-    from .model import build_vae
-
     path = Path(run_dir) / CHECKPOINT_NAME
     state = load_checkpoint(path)
     config = from_dict(state["config"])

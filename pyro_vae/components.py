@@ -3,10 +3,13 @@
 A registered name is valid wherever a built-in one is: in a config (``model.likelihood``,
 ``model.prior``, ``model.guide``, ``model.arch``), on the command line, and in
 :func:`pyro_vae.load_run`.
-The contract a part must meet is written once, in the docstring of its register function;
-what can be checked without data is checked there, and a part that breaks it is refused with
-one line (:class:`ComponentError`) when it is registered, not with an ``AttributeError`` later.
-Shapes need data: :func:`pyro_vae.build_vae` checks them once, on a datum of zeros.
+The contract a part must meet is written once, in the docstring of its register function,
+and its vocabulary lives in :mod:`pyro_vae.contract`; what can be checked without data is
+checked when the part is registered, and a part that breaks it is refused with one line
+(:class:`ComponentError`), not with an ``AttributeError`` later. Shapes need data:
+:func:`pyro_vae.build_vae` checks them once, on a datum of zeros (:mod:`pyro_vae.shapes`).
+Config validation reads each part's :class:`Record` (its options, bounds, accepted data,
+closed-form KL, link) instead of building it.
 
 Every part is an ``nn.Module`` class. Its constructor's arguments are of two kinds:
 
@@ -50,138 +53,38 @@ lookup table; capabilities derived from the table rather than declared).
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib
-import importlib.util
-import inspect
-import os
-import sys
-from pathlib import Path
+from dataclasses import dataclass
 
 import pyro.distributions as dist
 import torch
 from torch import nn
 
-from .config import ConfigError
+from .contract import (ACCEPTS, MODEL_ARGUMENTS, OPTION_TYPES, ComponentError, ConfigError, check_name, check_part,
+                       model_arguments, option_bounds, options_of, refuse)
 from .guides import GUIDES, DiagonalGaussian
-from .likelihoods import LIKELIHOODS
-from .networks import ARCHITECTURES
+from .likelihoods import LIKELIHOODS, likelihood_link
+from .networks import ARCHITECTURES, MLPEncoder
+from .plugins import load_plugins
 from .priors import PRIORS
+from .seeding import probing
 
-#: What a likelihood's ``accepts`` may say: the data it is defined on.
-ACCEPTS = ("binary", "unit_interval", "real")
+__all__ = ["ACCEPTS", "MODEL_ARGUMENTS", "OPTION_TYPES", "ComponentError", "Record", "record", "register_likelihood",
+           "register_prior", "register_guide", "register_networks", "has_closed_form_kl", "load_plugins",
+           "model_arguments", "options_of", "option_bounds"]
 
-#: The types an option's default may have (the option's type).
-OPTION_TYPES = (bool, int, float, str)
-
-#: Per kind of part: the model arguments its constructor must take, and those it may take.
-MODEL_ARGUMENTS = {
-    "likelihood": (("image_shape",), ()),
-    "prior": (("z_dim",), ("encoder", "image_shape", "data_domain")),
-    "guide": (("z_dim",), ()),
-    "networks": (("image_shape", "z_dim"), ("hidden_dim", "num_layers")),
-}
+#: Each kind of part's registry: name -> class (``"networks"``: name -> (encoder, decoder)).
+REGISTRIES = {"likelihood": LIKELIHOODS, "prior": PRIORS, "guide": GUIDES, "networks": ARCHITECTURES}
 
 
-class ComponentError(TypeError):
-    """A part breaks the contract of its kind; raised, with one line, when it is registered."""
-
-
-# -- reading a part's constructor -----------------------------------------------------------
-
-def model_arguments(cls, kind: str) -> list[str]:
-    """The model arguments (see :data:`MODEL_ARGUMENTS`) that ``cls``'s constructor takes."""
-    required, optional = MODEL_ARGUMENTS[kind]
-    return [name for name in inspect.signature(cls).parameters if name in required + optional]
-
-
-def options_of(cls, kind: str) -> dict[str, object]:
-    """``{option: default}`` for ``cls``: its constructor's arguments that are not model arguments."""
-    required, optional = MODEL_ARGUMENTS[kind]
-    return {name: p.default for name, p in inspect.signature(cls).parameters.items()
-            if name not in required + optional}
-
-
-def option_bounds(cls) -> dict:
-    """``cls.option_bounds``, or no bounds when it declares none."""
-    return getattr(cls, "option_bounds", None) or {}
-
-
-# -- the contract, checked at registration -------------------------------------------------
-
-def _refuse(kind: str, name, message: str):
-    raise ComponentError(f"cannot register {kind} {name!r}: {message}")
-
-
-def _check_name(kind: str, name) -> None:
-    if not (isinstance(name, str) and name.isascii() and name.isidentifier()):
-        _refuse(kind, name, "a name is a plain identifier such as 'my_part' (letters, digits, underscores)")
-
+# -- registering: the contract is checked once, here ------------------------------------------
 
 def _check_module_class(kind: str, name: str, cls, role: str = "") -> str:
-    label = getattr(cls, "__qualname__", repr(cls))
+    label = f"{role}{getattr(cls, '__qualname__', repr(cls))}"
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        _refuse(kind, name, f"{role}{label} is not a torch.nn.Module subclass")
-    return f"{role}{label}"
-
-
-def _check_constructor(kind: str, name: str, cls, label: str) -> None:
-    try:
-        parameters = inspect.signature(cls).parameters
-    except (TypeError, ValueError) as error:
-        _refuse(kind, name, f"{label}'s constructor cannot be read ({error})")
-    required, optional = MODEL_ARGUMENTS[kind]
-    for p in parameters.values():
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            _refuse(kind, name, f"{label}.__init__ takes {'*' if p.kind == p.VAR_POSITIONAL else '**'}{p.name}; "
-                                "name every argument, with a default for each option")
-        if p.kind == p.POSITIONAL_ONLY:
-            _refuse(kind, name, f"{label}.__init__ takes {p.name} positionally only; the model passes arguments by name")
-    missing = [a for a in required if a not in parameters]
-    if missing:
-        _refuse(kind, name, f"{label}.__init__ must take the model's argument(s) {', '.join(missing)} "
-                            f"(a {kind} is built as {label}({', '.join(a + '=...' for a in required)}, **options))")
-    for option, default in options_of(cls, kind).items():
-        if default is inspect.Parameter.empty:
-            _refuse(kind, name, f"{label}.__init__ argument {option!r} has no default; it is not a model argument "
-                                f"({', '.join(required + optional)}), so it is an option and needs a default "
-                                "(int, float, bool or str)")
-        if type(default) not in OPTION_TYPES:
-            _refuse(kind, name, f"option {option!r} of {label} defaults to {default!r} ({type(default).__name__}); "
-                                "an option's default is an int, float, bool or str, and gives the option its type")
-    _check_bounds(kind, name, cls, label)
-
-
-def _check_bounds(kind: str, name: str, cls, label: str) -> None:
-    bounds = getattr(cls, "option_bounds", None)
-    if bounds is None:
-        return
-    if not isinstance(bounds, dict):
-        _refuse(kind, name, f"{label}.option_bounds is {bounds!r}; expected a dict "
-                            "{option: (lower bound, whether the bound is allowed)}")
-    options = options_of(cls, kind)
-    for option, bound in bounds.items():
-        if option not in options:
-            _refuse(kind, name, f"{label}.option_bounds names {option!r}, which is not one of its options "
-                                f"{sorted(options) or 'none'}")
-        if isinstance(options[option], bool) or not isinstance(options[option], (int, float)):
-            _refuse(kind, name, f"{label}.option_bounds bounds {option!r}, whose default {options[option]!r} "
-                                "is not a number")
-        if not (isinstance(bound, tuple) and len(bound) == 2 and isinstance(bound[1], bool)
-                and isinstance(bound[0], (int, float)) and not isinstance(bound[0], bool)):
-            _refuse(kind, name, f"{label}.option_bounds[{option!r}] is {bound!r}; expected (lower bound, "
-                                "inclusive), e.g. (0.0, False) for > 0")
-
-
-def _check_forward(kind: str, name: str, cls, label: str, arguments: int) -> None:
+        refuse(kind, name, f"{label} is not a torch.nn.Module subclass")
     if cls.forward is nn.Module.forward:
-        _refuse(kind, name, f"{label} defines no forward")
-    try:
-        inspect.signature(cls.forward).bind(None, *[None] * arguments)
-    except TypeError:
-        wanted = {0: "no arguments", 1: "one argument", 2: "two arguments (z_loc, z_scale)"}[arguments]
-        _refuse(kind, name, f"{label}.forward must take {wanted}; its signature is "
-                            f"{inspect.signature(cls.forward)}")
+        refuse(kind, name, f"{label} defines no forward")
+    return label
 
 
 def _same_part(a, b) -> bool:
@@ -198,11 +101,24 @@ def _describe(part) -> str:
     return ", ".join(f"{p.__module__}.{p.__qualname__}" for p in parts)
 
 
-def _add(kind: str, registry: dict, name: str, part, replace: bool) -> None:
+def _add(kind: str, name: str, part, replace: bool) -> None:
+    registry = REGISTRIES[kind]
     existing = registry.get(name)
     if existing is not None and not replace and not _same_part(existing, part):
-        _refuse(kind, name, f"the name is taken by {_describe(existing)}; choose another name, or pass replace=True")
+        refuse(kind, name, f"the name is taken by {_describe(existing)}; choose another name, or pass replace=True")
     registry[name] = part
+
+
+def _register_one(kind: str, name: str, cls, replace: bool):
+    """Register a likelihood, a prior or a guide family: one class, checked against its kind's contract."""
+    check_name(kind, name)
+
+    def register(cls):
+        check_part(kind, name, cls, _check_module_class(kind, name, cls))
+        _add(kind, name, cls, replace)
+        return cls
+
+    return register if cls is None else register(cls)
 
 
 # -- the public register functions ---------------------------------------------------------
@@ -230,7 +146,10 @@ def register_likelihood(name: str, cls: type | None = None, *, replace: bool = F
       returns a ``pyro.distributions`` distribution with ``event_shape == image_shape`` (use
       ``.to_event(len(image_shape))``) and ``batch_shape == features.shape[:-len(image_shape)]``,
       whose ``log_prob`` includes every normalizing constant (so numbers compare across
-      likelihoods). Its ``mean`` is what reconstructions and samples show.
+      likelihoods). Its ``mean`` is what reconstructions and samples show;
+    - optionally, ``link = "logit"`` or ``"identity"``: how its mean follows from the features
+      (what ``model.init_output_bias`` needs); left out, it is derived once, with the default
+      options (:func:`pyro_vae.likelihoods.likelihood_link`).
 
     :param name: a plain identifier; valid in configs (``model.likelihood``) once registered.
     :param cls: the class; omitted, the function returns a decorator.
@@ -239,20 +158,7 @@ def register_likelihood(name: str, cls: type | None = None, *, replace: bool = F
     :returns: ``cls`` (or the decorator).
     :raises ComponentError: the class breaks the contract, or the name is taken.
     """
-    _check_name("likelihood", name)
-
-    def register(cls):
-        label = _check_module_class("likelihood", name, cls)
-        accepts = getattr(cls, "accepts", None)
-        if accepts not in ACCEPTS:
-            _refuse("likelihood", name, f"{label}.accepts is {accepts!r}; set the class attribute accepts to one of "
-                                        f"{list(ACCEPTS)}, the data it is defined on")
-        _check_constructor("likelihood", name, cls, label)
-        _check_forward("likelihood", name, cls, label, 1)
-        _add("likelihood", LIKELIHOODS, name, cls, replace)
-        return cls
-
-    return register if cls is None else register(cls)
+    return _register_one("likelihood", name, cls, replace)
 
 
 def register_prior(name: str, cls: type | None = None, *, replace: bool = False):
@@ -288,7 +194,7 @@ def register_prior(name: str, cls: type | None = None, *, replace: bool = False)
     :returns: ``cls`` (or the decorator).
     :raises ComponentError: the class breaks the contract, or the name is taken.
     """
-    return _register_kl_part("prior", PRIORS, 0, name, cls, replace)
+    return _register_one("prior", name, cls, replace)
 
 
 def register_networks(name: str, encoder: type, decoder: type, *, replace: bool = False) -> tuple[type, type]:
@@ -322,12 +228,10 @@ def register_networks(name: str, encoder: type, decoder: type, *, replace: bool 
     :returns: ``(encoder, decoder)``.
     :raises ComponentError: a class breaks the contract, or the name is taken.
     """
-    _check_name("networks", name)
+    check_name("networks", name)
     for role, cls in (("encoder ", encoder), ("decoder ", decoder)):
-        label = _check_module_class("networks", name, cls, role)
-        _check_constructor("networks", name, cls, label)
-        _check_forward("networks", name, cls, label, 1)
-    _add("networks", ARCHITECTURES, name, (encoder, decoder), replace)
+        check_part("networks", name, cls, _check_module_class("networks", name, cls, role))
+    _add("networks", name, (encoder, decoder), replace)
     return encoder, decoder
 
 
@@ -360,8 +264,12 @@ def register_guide(name: str, cls: type | None = None, *, replace: bool = False)
     Whether ``objective.elbo = "analytic"`` works with it is derived, per prior, from torch's
     KL registry (:func:`has_closed_form_kl`): a flow has no closed-form KL, so the config is
     refused. To skip the derivation, set the class attribute ``has_closed_form_kl = True`` or
-    ``False``. :func:`pyro_vae.build_vae` checks shapes, sampling, scoring and the code once,
-    on a datum of zeros.
+    ``False``. Options that fit their bounds but not the latent size are refused before any
+    data is read by an optional classmethod ``check_options(z_dim, **options)`` that raises
+    :class:`~pyro_vae.contract.ConfigError` with one line (the IAF's does, for networks
+    narrower than ``z_dim``); anything else its constructor raises is one line when the VAE is
+    built. :func:`pyro_vae.build_vae` checks shapes, sampling, scoring and the code once, on a
+    datum of zeros.
 
     :param name: a plain identifier; valid in configs (``model.guide``) once registered.
     :param cls: the class; omitted, the function returns a decorator.
@@ -369,27 +277,7 @@ def register_guide(name: str, cls: type | None = None, *, replace: bool = False)
     :returns: ``cls`` (or the decorator).
     :raises ComponentError: the class breaks the contract, or the name is taken.
     """
-    return _register_kl_part("guide", GUIDES, 2, name, cls, replace)
-
-
-def _register_kl_part(kind: str, registry: dict, forward_args: int, name: str, cls, replace: bool):
-    """Register a prior or a guide family (the two sides of the KL): the checks they share,
-    including the optional ``has_closed_form_kl`` declaration. ``forward_args``: the
-    arguments of its ``forward``."""
-    _check_name(kind, name)
-
-    def register(cls):
-        label = _check_module_class(kind, name, cls)
-        declared = getattr(cls, "has_closed_form_kl", None)
-        if declared is not None and not isinstance(declared, bool):
-            _refuse(kind, name, f"{label}.has_closed_form_kl is {declared!r}; leave it out (it is derived) "
-                                "or set True or False")
-        _check_constructor(kind, name, cls, label)
-        _check_forward(kind, name, cls, label, forward_args)
-        _add(kind, registry, name, cls, replace)
-        return cls
-
-    return register if cls is None else register(cls)
+    return _register_one("guide", name, cls, replace)
 
 
 # -- capabilities derived, not declared ------------------------------------------------------
@@ -400,11 +288,8 @@ _PROBE_IMAGE_SHAPE, _PROBE_Z_DIM = (1, 4, 4), 2
 
 @functools.lru_cache(maxsize=None)
 def _class_has_closed_form_kl(cls, guide=DiagonalGaussian) -> bool:
-    from .networks import MLPEncoder
-
     given = {"z_dim": _PROBE_Z_DIM, "image_shape": _PROBE_IMAGE_SHAPE, "data_domain": "unit_interval"}
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        # a private random stream: building draws initial values, which must not move the caller's
+    with probing():
         q = _probe_guide(guide)
         try:
             given["encoder"] = MLPEncoder(_PROBE_IMAGE_SHAPE, _PROBE_Z_DIM, 8)
@@ -478,8 +363,7 @@ def has_closed_form_kl(prior, guide=None) -> bool:
         return declared
     if isinstance(prior, nn.Module):
         tensors = [t for t in (*prior.parameters(), *prior.buffers()) if t.is_floating_point()]
-        # a private random stream: building a guide family draws its initial weights
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        with probing(tensors[0] if tensors else None):
             prior_distribution = prior()
             q = None
             if not gaussian:
@@ -494,77 +378,86 @@ def has_closed_form_kl(prior, guide=None) -> bool:
     return _class_has_closed_form_kl(prior, DiagonalGaussian if gaussian else guide)
 
 
-# -- plugins ---------------------------------------------------------------------------------
+# -- what a registered part can do: read by config validation instead of building parts -------
 
-def _one_line(error: BaseException) -> str:
-    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+@dataclass(frozen=True)
+class Record:
+    """What the part registered as ``name`` declares, or what is derived once of its class:
+    :mod:`pyro_vae.config` validates a config by reading these, without building the part for
+    every config. Get one with :func:`record`.
 
-
-def _is_file_spec(spec: str) -> bool:
-    return spec.endswith(".py") or os.sep in spec or "/" in spec
-
-
-def _import_file(spec: str) -> str:
-    path = Path(spec).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"plugin {spec}: no such file" if not path.exists() else f"plugin {spec}: not a file")
-    path = path.resolve()
-    # one module per file, named after its absolute path: a second load finds it imported
-    digest = hashlib.sha1(str(path).encode()).hexdigest()[:12]
-    module_name = f"pyro_vae_plugin_{''.join(c if c.isalnum() else '_' for c in path.stem)}_{digest}"
-    if module_name not in sys.modules:
-        module_spec = importlib.util.spec_from_file_location(module_name, path)
-        if module_spec is None or module_spec.loader is None:
-            raise ConfigError(f"plugin {spec}: cannot be imported as a Python file")
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[module_name] = module  # before running it, as import does (dataclasses look it up)
-        try:
-            module_spec.loader.exec_module(module)
-        except BaseException as error:
-            del sys.modules[module_name]
-            if not isinstance(error, Exception):  # KeyboardInterrupt, SystemExit: not ours to turn into a line
-                raise
-            raise ConfigError(f"plugin {spec}: {_one_line(error)}") from None
-    return str(path)
-
-
-def _import_module(spec: str) -> str:
-    if not all(part.isidentifier() for part in spec.split(".")):
-        raise ConfigError(f"plugin {spec!r}: neither a module name (such as my_pkg.vae_parts) nor a .py file")
-    # like `python -m`, the current folder is searched too (a console script's sys.path lacks it);
-    # only during this import, so the search path is left as it was
-    added = os.getcwd() not in sys.path
-    if added:
-        sys.path.insert(0, os.getcwd())
-    try:
-        importlib.import_module(spec)
-    except ModuleNotFoundError as error:
-        if error.name is not None and (spec == error.name or spec.startswith(error.name + ".")):
-            raise ConfigError(f"plugin {spec!r}: no module named {error.name!r}") from None
-        raise ConfigError(f"plugin {spec!r}: {_one_line(error)}") from None
-    except Exception as error:
-        raise ConfigError(f"plugin {spec!r}: {_one_line(error)}") from None
-    finally:
-        if added:
-            sys.path.remove(os.getcwd())
-    return spec
-
-
-def load_plugins(specs) -> list[str]:
-    """Import the plugins ``specs``, so that the parts they register become valid names.
-
-    :param specs: each an importable module name (``my_pkg.vae_parts``, searched on
-        ``sys.path`` and in the current folder) or a path to a ``.py`` file (a spec ending in
-        ``.py`` or holding a ``/``). Loading a plugin again is harmless: a module is imported
-        once, and registering the same class again under its name is not a conflict.
-    :returns: the specs as they should be recorded with a run: module names as given, files
-        as absolute paths.
-    :raises ConfigError: one line, for a missing module or file, or one whose import raises
-        (a part it registers that breaks its contract included).
+    :param kind: ``"likelihood"``, ``"prior"``, ``"guide"`` or ``"networks"``.
+    :param name: the registered name.
+    :param part: the class; for ``"networks"``, the pair ``(encoder, decoder)``.
     """
-    loaded = []
-    for spec in specs:
-        if not isinstance(spec, str) or not spec.strip():
-            raise ConfigError(f"plugin {spec!r}: expected a module name or a path to a .py file")
-        loaded.append(_import_file(spec) if _is_file_spec(spec) else _import_module(spec))
-    return loaded
+
+    kind: str
+    name: str
+    part: object
+
+    @property
+    def classes(self) -> tuple:
+        return self.part if isinstance(self.part, tuple) else (self.part,)
+
+    @property
+    def options(self) -> dict:
+        """``{option: default}``; networks have none (their arguments come from ``model.*`` keys)."""
+        return {} if self.kind == "networks" else options_of(self.part, self.kind)
+
+    @property
+    def bounds(self) -> dict:
+        """``{option: (lower bound, inclusive)}``."""
+        return {} if self.kind == "networks" else option_bounds(self.part)
+
+    @property
+    def accepts(self) -> str | None:
+        """A likelihood's ``accepts``: the data it is defined on (:data:`~pyro_vae.contract.ACCEPTS`)."""
+        return getattr(self.part, "accepts", None) if self.kind == "likelihood" else None
+
+    def takes(self, argument: str) -> bool:
+        """Whether a constructor of the part takes the model argument ``argument`` (e.g. ``"num_layers"``)."""
+        return any(argument in model_arguments(cls, self.kind) for cls in self.classes)
+
+    @property
+    def has_output_bias(self) -> bool:
+        """Networks whose decoder has an ``output_bias`` (what ``model.init_output_bias`` sets)."""
+        return self.kind == "networks" and hasattr(self.part[1], "output_bias")
+
+    @property
+    def link(self) -> str | None:
+        """A likelihood's link: ``"logit"``, ``"identity"`` or ``None`` (see
+        :func:`~pyro_vae.likelihoods.likelihood_link`); declared by a class attribute ``link``,
+        else derived once, with the default options."""
+        declared = getattr(self.part, "link", None)
+        return declared if declared in ("logit", "identity") else _class_link(self.part)
+
+    def closed_form_kl(self, guide: type | None = None) -> bool:
+        """A prior's closed-form KL from ``guide`` (a guide family class; ``None``: the diagonal
+        Gaussian): see :func:`has_closed_form_kl`. Derived once per pair."""
+        return has_closed_form_kl(self.part, guide)
+
+    def check_options(self, z_dim: int, options: dict) -> None:
+        """Call the part's optional classmethod ``check_options(z_dim, **options)``, which refuses
+        (:class:`~pyro_vae.contract.ConfigError`, one line) options that fit their bounds but not
+        the latent size, without building the part."""
+        check = getattr(self.part, "check_options", None)
+        if check is not None:
+            check(z_dim, **options)
+
+
+def record(kind: str, name: str) -> Record:
+    """The :class:`Record` of the part of ``kind`` registered as ``name``.
+
+    :raises KeyError: no such part (config validation checks the name against the registry first).
+    """
+    return Record(kind, name, REGISTRIES[kind][name])
+
+
+@functools.lru_cache(maxsize=None)
+def _class_link(cls) -> str | None:
+    try:
+        with probing():
+            likelihood = cls(image_shape=_PROBE_IMAGE_SHAPE)
+    except Exception:  # a likelihood of one's own that cannot be built with its defaults: its link is unknown
+        return None
+    return likelihood_link(likelihood, _PROBE_IMAGE_SHAPE)

@@ -9,7 +9,6 @@ and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import sys
 import typing
@@ -23,9 +22,13 @@ else:  # pragma: no cover
 
 import tomli_w
 
+from .components import REGISTRIES, record
+from .contract import ComponentError, ConfigError
+from .datasets import DATASETS, check_dataset_config
+from .elbo import ELBOS
 
-class ConfigError(ValueError):
-    """A config key is unknown, or its value has the wrong type or is out of range."""
+__all__ = ["Config", "DataConfig", "ModelConfig", "ObjectiveConfig", "TrainConfig", "ConfigError", "load_config",
+           "save_config", "from_dict", "apply_overrides", "parse_override", "validate", "MAX_SEED"]
 
 
 @dataclass(frozen=True)
@@ -137,20 +140,13 @@ _SECTION_CLASSES = {
 
 
 def _choices() -> dict[str, list[str]]:
-    # Imported here: the registries live beside the code they name, and config must stay
-    # importable without pulling in torchvision at module import.
-    from .elbo import ELBOS
-    from .guides import GUIDES
-    from .likelihoods import LIKELIHOODS
-    from .networks import ARCHITECTURES
-    from .priors import PRIORS
-
+    # read at each validation, not once: a plugin may register a part after this module is imported
     return {
         "data.binarize": ["dynamic", "none", "static"],
-        "model.arch": sorted(ARCHITECTURES),
-        "model.likelihood": sorted(LIKELIHOODS),
-        "model.prior": sorted(PRIORS),
-        "model.guide": sorted(GUIDES),
+        "model.arch": sorted(REGISTRIES["networks"]),
+        "model.likelihood": sorted(REGISTRIES["likelihood"]),
+        "model.prior": sorted(REGISTRIES["prior"]),
+        "model.guide": sorted(REGISTRIES["guide"]),
         "objective.elbo": sorted(ELBOS),
         "objective.beta_schedule": ["constant", "cyclical", "warmup"],
         "train.lr_schedule": ["constant", "cosine"],
@@ -280,133 +276,75 @@ def validate(config: Config) -> None:
     for section, values in config.to_dict().items():
         for key, value in values.items():
             _check_value(f"{section}.{key}", value, choices)
-    from .data import check_dataset_config
-
     check_dataset_config(config.data)  # the name or path, and split sizes the data can give
     _check_components(config)
 
 
 def _check_components(config: Config) -> None:
-    """The parts the model names (built-in or registered, see :mod:`pyro_vae.components`):
-    their options, and what they need of the data and the objective."""
-    from .components import ComponentError, has_closed_form_kl, model_arguments, option_bounds, options_of
-    from .guides import GUIDES
-    from .likelihoods import LIKELIHOODS
-    from .networks import ARCHITECTURES
-    from .priors import PRIORS
-
+    """The parts the model names (built-in or registered, see :mod:`pyro_vae.components`),
+    read from their records without building them: their options, and what they need of the
+    data and the objective."""
     model = config.model
-    deep = [name for name, classes in ARCHITECTURES.items()
-            if any("num_layers" in model_arguments(cls, "networks") for cls in classes)]
-    if model.num_layers != 1 and model.arch not in deep:  # e.g. the conv networks have a fixed depth
+    networks = record("networks", model.arch)
+    if model.num_layers != 1 and not networks.takes("num_layers"):  # e.g. the conv networks have a fixed depth
+        deep = sorted(name for name in REGISTRIES["networks"] if record("networks", name).takes("num_layers"))
         raise ConfigError(f"model.num_layers = {model.num_layers}: the networks of model.arch = {model.arch!r} have "
-                          f"a fixed depth; leave it at 1, or choose an architecture among {sorted(deep)}")
-    likelihood, prior = LIKELIHOODS[model.likelihood], PRIORS[model.prior]
-    _check_options("model.likelihood_options", f"likelihood {model.likelihood!r}",
-                   options_of(likelihood, "likelihood"), option_bounds(likelihood), model.likelihood_options)
-    _check_options("model.prior_options", f"prior {model.prior!r}",
-                   options_of(prior, "prior"), option_bounds(prior), model.prior_options)
-    guide = GUIDES[model.guide]
-    _check_options("model.guide_options", f"guide {model.guide!r}",
-                   options_of(guide, "guide"), option_bounds(guide), model.guide_options)
-    _check_guide_builds(model)
+                          f"a fixed depth; leave it at 1, or choose an architecture among {deep}")
+    likelihood, prior, guide = (record("likelihood", model.likelihood), record("prior", model.prior),
+                                record("guide", model.guide))
+    for part, key in ((likelihood, "model.likelihood_options"), (prior, "model.prior_options"),
+                      (guide, "model.guide_options")):
+        _check_options(key, f"{part.kind} {part.name!r}", part.options, part.bounds, getattr(model, key[6:]))
+    guide.check_options(model.z_dim, model.guide_options)  # what bounds cannot say: options against z_dim
     if model.init_output_bias:
-        _check_output_bias(model)
+        _check_output_bias(model, networks, likelihood)
     # Pyro's Bernoulli only accepts 0/1 observations, and the torchvision datasets are grey:
     # refusing here gives one clear line before anything is read. Data of one's own may be
     # binary already; its values are checked when it is read (pyro_vae.train.check_data).
-    from .data import DATASETS
-
     if likelihood.accepts == "binary" and config.data.binarize == "none" and config.data.dataset in DATASETS:
         raise ConfigError(
             f"model.likelihood = {model.likelihood!r} needs binary values but "
             "data.binarize = 'none' gives the values as they are; set data.binarize to 'dynamic' or "
             "'static', or choose a likelihood for grey data such as 'continuous_bernoulli'"
         )
+    if config.objective.elbo == "analytic":
+        _check_closed_form_kl(model, prior, guide)
 
-    def closed(cls) -> bool:
-        try:
-            return has_closed_form_kl(cls)
-        except ComponentError:  # a registered prior that cannot be built is not one to suggest
-            return False
 
-    def _has_closed_form_kl(cls, name: str) -> bool:
+def _check_closed_form_kl(model: ModelConfig, prior, guide) -> None:
+    """``objective.elbo = "analytic"`` needs KL(q || p) in closed form, which the prior's and
+    the guide family's records say (derived once per class from torch's KL registry)."""
+
+    def closed(prior_record, guide_class=None, key: str | None = None) -> bool:
         try:
-            return has_closed_form_kl(cls)
+            return prior_record.closed_form_kl(guide_class)
         except ComponentError as error:
-            raise ConfigError(f"model.prior = {name!r}: {error}") from None
+            if key is None:  # a part that cannot be built is not one to suggest
+                return False
+            raise ConfigError(f"{key}: {error}") from None
 
-    if config.objective.elbo == "analytic" and not _has_closed_form_kl(prior, model.prior):
-        suggestions = sorted(name for name, cls in PRIORS.items() if closed(cls))
+    if not closed(prior, key=f"model.prior = {model.prior!r}"):
+        suggestions = sorted(name for name in REGISTRIES["prior"] if closed(record("prior", name)))
         raise ConfigError(
             f"objective.elbo = 'analytic' needs a closed-form KL, which model.prior = "
             f"{model.prior!r} lacks; use objective.elbo = 'mc', or a prior among {suggestions}"
         )
-
-    def pair_closed(guide_cls) -> bool:
-        try:
-            return has_closed_form_kl(prior, guide_cls)
-        except ComponentError:
-            return False
-
-    if config.objective.elbo == "analytic" and model.guide != "gaussian":
-        try:
-            closed_pair = has_closed_form_kl(prior, guide)
-        except ComponentError as error:
-            raise ConfigError(f"model.guide = {model.guide!r}: {error}") from None
-        if not closed_pair:
-            suggestions = sorted(name for name, cls in GUIDES.items() if pair_closed(cls))
-            raise ConfigError(
-                f"objective.elbo = 'analytic' needs a closed-form KL, which model.guide = {model.guide!r} lacks "
-                f"against model.prior = {model.prior!r}; use objective.elbo = 'mc' or 'iwae', or a guide among "
-                f"{suggestions}"
-            )
+    if model.guide != "gaussian" and not closed(prior, guide.part, key=f"model.guide = {model.guide!r}"):
+        suggestions = sorted(name for name, cls in REGISTRIES["guide"].items() if closed(prior, cls))
+        raise ConfigError(
+            f"objective.elbo = 'analytic' needs a closed-form KL, which model.guide = {model.guide!r} lacks "
+            f"against model.prior = {model.prior!r}; use objective.elbo = 'mc' or 'iwae', or a guide among "
+            f"{suggestions}"
+        )
 
 
-def _check_guide_builds(model: ModelConfig) -> None:
-    """A guide family needs only ``z_dim`` and its options, so it is built here (with a private
-    random stream): options that fit their bounds but not the latent size (an IAF narrower than
-    z_dim) are refused before any data is read. A combination that built is not built again."""
-    from .guides import GUIDES
-
-    _guide_builds(GUIDES[model.guide], model.guide, model.z_dim, tuple(sorted(model.guide_options.items())))
-
-
-@functools.lru_cache(maxsize=64)
-def _guide_builds(cls, name: str, z_dim: int, options: tuple) -> bool:
-    import torch
-
-    try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            cls(z_dim=z_dim, **dict(options))
-    except ConfigError:
-        raise
-    except Exception as error:  # a family of one's own may raise anything: one line naming it
-        raise ConfigError(f"model.guide = {name!r} with model.guide_options = {dict(options)}: building it raised "
-                          f"{type(error).__name__}: {' '.join(str(error).split())}") from None
-    return True
-
-
-def _check_output_bias(model: ModelConfig) -> None:
+def _check_output_bias(model: ModelConfig, networks, likelihood) -> None:
     """``model.init_output_bias`` needs a decoder with an ``output_bias`` and a likelihood whose
-    mean is the sigmoid of the features, or the features themselves (a derived link)."""
-    import torch
-
-    from .likelihoods import make_likelihood
-    from .model import likelihood_link
-    from .networks import ARCHITECTURES
-
-    decoder = ARCHITECTURES[model.arch][1]
-    if not hasattr(decoder, "output_bias"):
+    mean is the sigmoid of the features, or the features themselves (its record's link)."""
+    if not networks.has_output_bias:
         raise ConfigError(f"model.init_output_bias = true: the decoder of model.arch = {model.arch!r} has no "
                           "output_bias to set; leave it false")
-    shape = (1, 4, 4)  # a probe datum; the link does not depend on its size
-    try:
-        with torch.random.fork_rng(devices=[]):
-            link = likelihood_link(make_likelihood(model.likelihood, shape, **model.likelihood_options), shape)
-    except Exception:  # a likelihood of one's own that cannot be built here: its link is unknown
-        link = None
-    if link is None:
+    if likelihood.link is None:
         raise ConfigError(f"model.init_output_bias = true needs a likelihood whose mean is sigmoid(features) "
                           f"(logits, as for 'bernoulli') or the features themselves (as for 'gaussian'); that of "
                           f"model.likelihood = {model.likelihood!r} is neither: leave it false")

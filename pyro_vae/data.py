@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError, DataConfig
+from .config import DataConfig
+from .contract import ACCEPTS, ConfigError
+from .datasets import DATASETS, TorchvisionDataset, check_dataset_config, check_split_sizes
 from .sources import DataError, RawData, is_path_like, read_path
 
 __all__ = ["DATASETS", "DataError", "DataNotFoundError", "ImageData", "Splits", "load_data", "load_splits", "from_tensors",
@@ -41,34 +43,11 @@ MIN_STD = 1e-6
 
 
 def _torchvision_datasets():
+    # imported when a torchvision dataset is read, not with the package: it is slow to import,
+    # and data of one's own (folders, arrays) never needs it
     import torchvision.datasets
 
     return torchvision.datasets
-
-
-@dataclass(frozen=True)
-class TorchvisionDataset:
-    """A torchvision dataset with an official train / test split (``train=True|False``)."""
-
-    class_name: str
-    #: Where torchvision keeps its files, under the data root; named when they are missing.
-    folder: str
-    files: tuple[str, ...]
-    #: Items of the official training set (train + validation), known before loading, so that
-    #: a config asking for more is refused before anything is read.
-    num_train: int
-
-
-_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                "t10k-labels-idx1-ubyte")
-DATASETS = {
-    "mnist": TorchvisionDataset("MNIST", "MNIST/raw", _MNIST_FILES, 60_000),
-    "fashion_mnist": TorchvisionDataset("FashionMNIST", "FashionMNIST/raw", _MNIST_FILES, 60_000),
-    "kmnist": TorchvisionDataset("KMNIST", "KMNIST/raw", _MNIST_FILES, 60_000),
-    "cifar10": TorchvisionDataset("CIFAR10", "cifar-10-batches-py",
-                                  tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",), 50_000),
-    "cifar100": TorchvisionDataset("CIFAR100", "cifar-100-python", ("train", "test", "meta"), 50_000),
-}
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -151,53 +130,6 @@ def _missing(root: Path, spec: TorchvisionDataset, tried_download: bool = False)
     where = root / spec.folder
     how = "could not be downloaded" if tried_download else "point --data-dir or $PYRO_VAE_DATA at a folder that has them"
     return DataNotFoundError(f"dataset files not found in {where}/ (expected {', '.join(spec.files)}); {how}")
-
-
-def check_split_sizes(name: str, num_images: int, val_size: int, train_limit: int) -> None:
-    """Refuse (:class:`~pyro_vae.config.ConfigError`) splits that ``num_images`` cannot give.
-
-    ``val_size`` must leave at least one training image; ``train_limit`` may not ask for more
-    training images than remain (a larger limit is refused, not clipped: the config saved
-    with the run must say what it trained on).
-    """
-    if not 1 <= val_size < num_images:
-        raise ConfigError(
-            f"data.val_size = {val_size}: must be between 1 and {num_images - 1} "
-            f"({name} has {num_images} training images, and at least one must remain for training)"
-        )
-    if not 0 <= train_limit <= num_images - val_size:
-        raise ConfigError(
-            f"data.train_limit = {train_limit}: must be between 0 (all) and {num_images - val_size}, "
-            f"the training images of {name} left after data.val_size = {val_size}"
-        )
-
-
-def check_dataset_config(data: DataConfig) -> None:
-    """Check ``data`` before anything is read; :class:`~pyro_vae.config.ConfigError` if not.
-
-    ``data.dataset`` must be a torchvision name of :data:`DATASETS` (whose split sizes are
-    then checked against its known size), or look like a path (:func:`~pyro_vae.sources.is_path_like`;
-    whether it exists is checked when it is read). Data read from a path has no official test
-    split: its ``val_fraction`` and ``test_fraction`` must each be above 0 (training reports a
-    validation ELBO, ``evaluate`` needs test items), and together below 1 whatever the dataset.
-    Standardized values leave [0, 1], where a Bernoulli draw (``data.binarize``) is undefined.
-    """
-    if data.dataset in DATASETS:
-        check_split_sizes(data.dataset, DATASETS[data.dataset].num_train, data.val_size, data.train_limit)
-    elif is_path_like(data.dataset):
-        for key, split in (("val_fraction", "validation"), ("test_fraction", "test")):
-            if getattr(data, key) <= 0:
-                raise ConfigError(f"data.{key} = {getattr(data, key)!r}: data read from a path ({data.dataset}) has no "
-                                  f"official splits and needs a {split} split; give a fraction in (0, 1)")
-    else:
-        raise ConfigError(f"data.dataset = {data.dataset!r}: choose one of {sorted(DATASETS)} "
-                          "or give a folder of images or a .npy/.npz/.pt file")
-    if data.val_fraction + data.test_fraction >= 1:
-        raise ConfigError(f"data.val_fraction + data.test_fraction = {data.val_fraction} + {data.test_fraction}: "
-                          "must be < 1, to leave items for training")
-    if data.standardize and data.binarize != "none":
-        raise ConfigError(f"data.standardize = true gives values outside [0, 1], which data.binarize = "
-                          f"{data.binarize!r} cannot draw bits from; set data.binarize = 'none'")
 
 
 def fingerprint(*parts: RawData) -> str:
@@ -382,15 +314,15 @@ def check_likelihood_range(images: torch.Tensor, accepts: str, binarize: str, li
     """Refuse (:class:`DataError`) data outside what ``likelihood`` is defined on.
 
     :param images: the data, any shape.
-    :param accepts: the likelihood's ``accepts``: ``"binary"`` (values in {0, 1}, or in [0, 1]
-        when ``binarize`` is not ``"none"``), ``"unit_interval"`` ([0, 1]) or ``"real"``
-        (any finite value).
+    :param accepts: the likelihood's ``accepts``, one of :data:`pyro_vae.contract.ACCEPTS`:
+        ``"binary"`` (values in {0, 1}, or in [0, 1] when ``binarize`` is not ``"none"``),
+        ``"unit_interval"`` ([0, 1]) or ``"real"`` (any finite value).
     :param binarize: ``data.binarize``; a Bernoulli draw needs values in [0, 1] whatever
         the likelihood.
     :param likelihood: its name, for the message.
     """
-    if accepts not in ("binary", "unit_interval", "real"):
-        raise ValueError(f"accepts = {accepts!r}: expected 'binary', 'unit_interval' or 'real'")
+    if accepts not in ACCEPTS:  # a registered likelihood was checked; a hand-built one may say anything
+        raise ValueError(f"accepts = {accepts!r}: expected one of {list(ACCEPTS)}")
     low, high = (v.item() for v in torch.aminmax(images.detach()))
     found = f"the data range is {low:.4g}..{high:.4g}"
     if not (math.isfinite(low) and math.isfinite(high)):

@@ -26,6 +26,7 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
+from .guides import representative_code
 from .likelihoods import fused_log_prob
 from .seeding import seeded
 
@@ -417,8 +418,6 @@ def evaluate(vae, images: torch.Tensor, num_samples: int = 1000, batch_size: int
     pays; the two forms differ by the float32 rounding of the sum over the pixels (about 1e-4
     nats at a few hundred nats an image), and each is reproducible.
     """
-    from .guides import representative_code
-
     if num_samples < 1:
         raise ValueError(f"num_samples = {num_samples}: must be >= 1")
     if compiled not in (None, True, False):

@@ -29,7 +29,7 @@ from pyro.distributions.transforms import ConditionalAffineAutoregressive
 from pyro.nn import ConditionalAutoRegressiveNN
 from torch import nn
 
-from .config import ConfigError
+from .contract import ConfigError
 
 
 class DiagonalGaussian(nn.Module):
@@ -84,10 +84,8 @@ class InverseAutoregressiveFlow(nn.Module):
     def __init__(self, z_dim: int, num_flows: int = 2, hidden_dim: int = 0, hidden_layers: int = 1,
                  stable: bool = False):
         super().__init__()
+        self.check_options(z_dim, hidden_dim=hidden_dim)
         width = hidden_dim or 10 * z_dim
-        if width < z_dim:  # MADE connects every output to the inputs before it through the hidden units
-            raise ConfigError(f"model.guide_options.hidden_dim = {hidden_dim}: the 'iaf' guide's networks need at "
-                              f"least z_dim = {z_dim} hidden units (0: 10 * z_dim)")
         forward_order, reverse_order = torch.arange(z_dim), torch.arange(z_dim).flip(0)
         with warnings.catch_warnings():
             # Pyro warns that in one dimension an affine map would do: that is what these flows
@@ -102,6 +100,18 @@ class InverseAutoregressiveFlow(nn.Module):
                                                 permutation=reverse_order if t % 2 else forward_order),
                     stable=stable)
                 for t in range(num_flows))
+
+    @classmethod
+    def check_options(cls, z_dim: int, hidden_dim: int = 0, **options) -> None:
+        """Refuse options that fit their bounds but not ``z_dim``, without building the flows
+        (config validation calls this before any data is read).
+
+        :raises ConfigError: a MADE network narrower than ``z_dim``: it connects every output to
+            the inputs before it through the hidden units, so it needs at least ``z_dim`` of them.
+        """
+        if (hidden_dim or 10 * z_dim) < z_dim:
+            raise ConfigError(f"model.guide_options.hidden_dim = {hidden_dim}: the 'iaf' guide's networks need at "
+                              f"least z_dim = {z_dim} hidden units (0: 10 * z_dim)")
 
     def forward(self, z_loc: torch.Tensor, z_scale: torch.Tensor) -> dist.TorchDistribution:
         context = torch.cat([z_loc, z_scale.log()], -1)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import math
 import warnings
 
 import pyro.distributions as dist
@@ -29,6 +30,8 @@ import torch
 from torch import nn
 from torch.distributions import constraints
 from torch.nn import functional as F
+
+from .seeding import probing
 
 #: Event dimensions of an image (C, H, W). The heads here take theirs from ``image_shape``
 #: (one for vectors); this constant remains for code written for images only.
@@ -317,3 +320,37 @@ def make_likelihood(name: str, image_shape=None, **options) -> nn.Module:
     if image_shape is None:
         raise ValueError(f"likelihood {name!r} needs image_shape, the shape of one datum: (C, H, W) or (D,)")
     return LIKELIHOODS[name](image_shape=tuple(image_shape), **options)
+
+
+@torch.no_grad()
+def likelihood_link(likelihood: nn.Module, image_shape) -> str | None:
+    """How a likelihood's mean follows from the decoder's features, derived on a grid of
+    features rather than declared: ``"logit"`` where the mean is ``sigmoid(features)``
+    (Bernoulli: the features are logits), ``"identity"`` where it is the features themselves
+    (Gaussian, Laplace), else ``None`` (e.g. the continuous Bernoulli, whose mean is not the
+    sigmoid of its logits).
+
+    :param likelihood: a likelihood module built for data of ``image_shape``.
+    :param image_shape: the shape of one datum: ``(C, H, W)`` or ``(D,)``.
+
+    >>> from pyro_vae.likelihoods import Bernoulli, ContinuousBernoulli, Gaussian
+    >>> [likelihood_link(cls((1, 2, 2)), (1, 2, 2)) for cls in (Bernoulli, Gaussian, ContinuousBernoulli)]
+    ['logit', 'identity', None]
+    """
+    image_shape = tuple(image_shape)
+    features = torch.linspace(-4.0, 4.0, 9 * math.prod(image_shape)).reshape(9, *image_shape)
+    tensors = [t for t in (*likelihood.parameters(), *likelihood.buffers()) if t.is_floating_point()]
+    if tensors:
+        features = features.to(tensors[0])
+    try:
+        with probing(features):
+            mean = likelihood(features).mean
+    except Exception:  # a part of one's own may raise anything; its link is then unknown
+        return None
+    if not torch.is_tensor(mean) or mean.shape != features.shape:
+        return None
+    if torch.allclose(mean, torch.sigmoid(features), atol=1e-5):
+        return "logit"
+    if torch.allclose(mean, features, atol=1e-5):
+        return "identity"
+    return None

@@ -22,11 +22,12 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from .config import ConfigError
+from .contract import ConfigError
 from .guides import DiagonalGaussian, make_guide, representative_code
-from .likelihoods import make_likelihood
+from .likelihoods import likelihood_link, make_likelihood
 from .networks import make_networks
 from .priors import make_prior
+from .shapes import check_shapes
 
 #: Names of the sample sites and the plate, for code that inspects traces.
 LATENT = "z"
@@ -178,96 +179,10 @@ class VAE(nn.Module):
         z = self.prior().sample((num_samples,))
         return self.decode(z).mean
 
-    @torch.no_grad()
     def check_shapes(self, image_shape, z_dim: int | None = None, labels: dict[str, str] | None = None) -> None:
-        """Check the parts against their contracts on a batch of two data of zeros.
-
-        The encoder must return ``(z_loc, z_scale)``, each ``(B, z_dim)``, ``z_scale > 0``; the
-        guide family a reparameterized distribution with batch shape ``(B,)`` and event shape
-        ``(z_dim,)`` whose samples it scores and which gives a code ``(B, z_dim)``; the
-        decoder features ``(..., *image_shape)`` for ``z`` of shape ``(..., z_dim)``; the
-        likelihood a distribution with event shape ``image_shape`` and batch shape ``(...)``;
-        the prior one with event shape ``(z_dim,)`` and no batch shape. Modules run in eval
-        mode (restored after) and with a private random stream, so the check changes nothing.
-
-        :param image_shape: the shape of one datum: ``(C, H, W)`` or ``(D,)``.
-        :param z_dim: the expected latent size; ``None``: the encoder's output gives it.
-        :param labels: how to name a part in the message, e.g. ``{"encoder": "model.arch = 'mlp'"}``.
-        :raises ConfigError: one line naming the part and the shapes expected and got.
-        """
-        image_shape, labels = tuple(image_shape), labels or {}
-
-        def fail(part: str, message: str):
-            module = getattr(self, {"prior": "prior_net", "guide": "guide_net"}.get(part, part))
-            label = f" ({labels[part]})" if part in labels else ""
-            raise ConfigError(f"{part} {type(module).__qualname__}{label}: {message}")
-
-        tensors = [t for t in (*self.parameters(), *self.buffers()) if t.is_floating_point()]
-        like = tensors[0] if tensors else torch.zeros(())
-        modes = [(m, m.training) for m in self.modules()]
-        self.eval()  # dropout or batch norm would draw noise or update statistics
-        try:
-            with torch.random.fork_rng(devices=[like.device] if like.is_cuda else []):
-                x = torch.zeros(2, *image_shape, dtype=like.dtype, device=like.device)
-                out = self.encoder(x)
-                if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(torch.is_tensor(t) for t in out)):
-                    fail("encoder", f"for x of shape {tuple(x.shape)} it returned {type(out).__name__}; "
-                                    "expected a pair of tensors (z_loc, z_scale)")
-                z_loc, z_scale = out
-                z_dim = z_loc.shape[-1] if z_dim is None and z_loc.dim() == 2 else z_dim
-                for tensor, what in ((z_loc, "z_loc"), (z_scale, "z_scale")):
-                    if z_dim is None or tuple(tensor.shape) != (2, z_dim):
-                        fail("encoder", f"for x of shape {tuple(x.shape)} it returned {what} of shape "
-                                        f"{tuple(tensor.shape)}; expected (2, z_dim = {z_dim if z_dim else 'z_dim'})")
-                if not bool((z_scale > 0).all()):
-                    fail("encoder", "returned a z_scale that is not > 0 (a standard deviation, not its logarithm)")
-                self._check_guide(z_loc, z_scale, fail)
-                z = z_loc.expand(3, 2, z_dim)  # a leading sample dimension, as importance sampling adds
-                features = self.decoder(z)
-                if not torch.is_tensor(features) or tuple(features.shape) != (3, 2, *image_shape):
-                    got = tuple(features.shape) if torch.is_tensor(features) else type(features).__name__
-                    fail("decoder", f"for z of shape (3, 2, {z_dim}) it returned {got}; "
-                                    f"expected (3, 2, *image_shape) = {(3, 2, *image_shape)}")
-                p_x = self.likelihood(features)
-                if not isinstance(p_x, torch.distributions.Distribution):
-                    fail("likelihood", f"returned {type(p_x).__name__}; expected a pyro.distributions distribution")
-                if tuple(p_x.event_shape) != image_shape or tuple(p_x.batch_shape) != (3, 2):
-                    fail("likelihood", f"for features of shape {(3, 2, *image_shape)} it returned a distribution with "
-                                       f"batch shape {tuple(p_x.batch_shape)} and event shape {tuple(p_x.event_shape)}; "
-                                       f"expected (3, 2) and image_shape = {image_shape} "
-                                       f"(.to_event({len(image_shape)}))")
-                p_z = self.prior()
-                if not isinstance(p_z, torch.distributions.Distribution):
-                    fail("prior", f"returned {type(p_z).__name__}; expected a pyro.distributions distribution")
-                if tuple(p_z.event_shape) != (z_dim,) or tuple(p_z.batch_shape) != ():
-                    fail("prior", f"returned a distribution with batch shape {tuple(p_z.batch_shape)} and event shape "
-                                  f"{tuple(p_z.event_shape)}; expected () and (z_dim,) = ({z_dim},)")
-        finally:
-            for module, training in modes:
-                module.training = training
-
-    def _check_guide(self, z_loc: torch.Tensor, z_scale: torch.Tensor, fail) -> None:
-        q = self.guide_net(z_loc, z_scale)
-        if not isinstance(q, torch.distributions.Distribution):
-            fail("guide", f"returned {type(q).__name__}; expected a pyro.distributions distribution")
-        expected = (tuple(z_loc.shape[:1]), tuple(z_loc.shape[1:]))
-        if (tuple(q.batch_shape), tuple(q.event_shape)) != expected:
-            fail("guide", f"for z_loc of shape {tuple(z_loc.shape)} it returned a distribution with batch shape "
-                          f"{tuple(q.batch_shape)} and event shape {tuple(q.event_shape)}; expected {expected[0]} "
-                          f"and (z_dim,) = {expected[1]}")
-        if not q.has_rsample:
-            fail("guide", f"returned {type(q).__name__}, which has no reparameterized sampler (rsample); "
-                          "training differentiates through the draws")
-        log_q = q.log_prob(q.rsample())
-        if tuple(log_q.shape) != expected[0]:
-            fail("guide", f"log_prob of its own sample has shape {tuple(log_q.shape)}; expected {expected[0]}")
-        try:
-            code = representative_code(q)
-        except NotImplementedError:
-            code = None
-        if not torch.is_tensor(code) or tuple(code.shape) != tuple(z_loc.shape):
-            fail("guide", f"returned {type(q).__name__}, which gives no code of shape {tuple(z_loc.shape)}: "
-                          "it needs a mean, or to be a TransformedDistribution of a distribution with one")
+        """Check the parts against their contracts on a batch of two data of zeros: see
+        :func:`pyro_vae.shapes.check_shapes`, which this calls with ``self``."""
+        check_shapes(self, image_shape, z_dim, labels)
 
 
 def build_vae(model_config, image_shape, name: str | None = None) -> VAE:
@@ -287,7 +202,7 @@ def build_vae(model_config, image_shape, name: str | None = None) -> VAE:
     prior = make_prior(model_config.prior, model_config.z_dim, encoder=encoder, image_shape=image_shape,
                        data_domain=likelihood.accepts, **model_config.prior_options)
     # built last, so its initial draws leave those of the other parts as they were
-    guide = make_guide(model_config.guide, model_config.z_dim, **model_config.guide_options)
+    guide = _build_guide(model_config)
     vae = VAE(encoder, decoder, likelihood, prior, guide=guide, name=name)
     vae.check_shapes(image_shape, model_config.z_dim, labels={
         "encoder": f"model.arch = {model_config.arch!r}", "decoder": f"model.arch = {model_config.arch!r}",
@@ -297,45 +212,24 @@ def build_vae(model_config, image_shape, name: str | None = None) -> VAE:
     return vae
 
 
+def _build_guide(model_config) -> nn.Module:
+    """The guide family: a family of one's own may raise anything when built with options that
+    its bounds and ``check_options`` let through, so that is one line naming the key."""
+    try:
+        return make_guide(model_config.guide, model_config.z_dim, **model_config.guide_options)
+    except ConfigError:
+        raise
+    except Exception as error:
+        raise ConfigError(f"model.guide = {model_config.guide!r} with model.guide_options = "
+                          f"{model_config.guide_options}: building it raised {type(error).__name__}: "
+                          f"{' '.join(str(error).split())}") from None
+
+
 # -- the decoder's output bias from the training data (Burda et al. 2015) ----------------------
 
 #: Mean pixels are clipped to [c, 1 - c] before their logit, so that a pixel that is never (or
 #: always) on in the training data starts at a logit of -6.9 (6.9), not at minus (plus) infinity.
 OUTPUT_BIAS_CLIP = 1e-3
-
-
-@torch.no_grad()
-def likelihood_link(likelihood: nn.Module, image_shape) -> str | None:
-    """How a likelihood's mean follows from the decoder's features, derived on a grid of
-    features rather than declared: ``"logit"`` where the mean is ``sigmoid(features)``
-    (Bernoulli: the features are logits), ``"identity"`` where it is the features themselves
-    (Gaussian, Laplace), else ``None`` (e.g. the continuous Bernoulli, whose mean is not the
-    sigmoid of its logits).
-
-    :param likelihood: a likelihood module built for data of ``image_shape``.
-    :param image_shape: the shape of one datum: ``(C, H, W)`` or ``(D,)``.
-
-    >>> from pyro_vae.likelihoods import Bernoulli, ContinuousBernoulli, Gaussian
-    >>> [likelihood_link(cls((1, 2, 2)), (1, 2, 2)) for cls in (Bernoulli, Gaussian, ContinuousBernoulli)]
-    ['logit', 'identity', None]
-    """
-    image_shape = tuple(image_shape)
-    features = torch.linspace(-4.0, 4.0, 9 * math.prod(image_shape)).reshape(9, *image_shape)
-    tensors = [t for t in (*likelihood.parameters(), *likelihood.buffers()) if t.is_floating_point()]
-    if tensors:
-        features = features.to(tensors[0])
-    try:
-        with torch.random.fork_rng(devices=[]):
-            mean = likelihood(features).mean
-    except Exception:  # a part of one's own may raise anything; its link is then unknown
-        return None
-    if not torch.is_tensor(mean) or mean.shape != features.shape:
-        return None
-    if torch.allclose(mean, torch.sigmoid(features), atol=1e-5):
-        return "logit"
-    if torch.allclose(mean, features, atol=1e-5):
-        return "identity"
-    return None
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import ConfigError
+from .contract import ConfigError, model_arguments
 
 
 def _mlp(sizes: list[int]) -> nn.Sequential:
@@ -204,8 +204,6 @@ def make_networks(arch: str, image_shape, z_dim: int, hidden_dim: int, num_layer
     Each constructor gets, by name, those of ``image_shape``, ``z_dim``, ``hidden_dim`` and
     ``num_layers`` that it takes (the conv networks have a fixed depth: no ``num_layers``).
     """
-    from .components import model_arguments
-
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
     given = {"image_shape": tuple(image_shape), "z_dim": z_dim, "hidden_dim": hidden_dim, "num_layers": num_layers}

@@ -14,7 +14,7 @@ from matplotlib import colormaps
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
-from .elbo import IWAE_BOUNDS
+from .elbo import IWAE_BOUNDS, kl_per_dimension
 from .seeding import seeded
 
 #: Colours of classes: up to 10 or 20 classes get distinct qualitative colours; more classes
@@ -227,8 +227,6 @@ def informative_dimensions(vae, images: torch.Tensor) -> tuple[torch.Tensor, tor
     dimensions (diagonal Gaussian posterior and prior), else the variance of E[z_d|x] across
     the images (the activity of Burda et al. 2015).
     """
-    from .elbo import kl_per_dimension
-
     q = vae.encode(images)
     kl = kl_per_dimension(q, vae.prior())
     score, what = (kl.mean(0), "KL") if kl is not None else (vae.code(images).var(0), "Var E[z|x]")

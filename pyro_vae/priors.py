@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .contract import model_arguments
+
 
 class DiagonalGaussianMixture(dist.MixtureSameFamily):
     """A mixture of diagonal Gaussians whose ``log_prob`` runs as matrix products.
@@ -181,8 +183,6 @@ def make_prior(name: str, z_dim: int, encoder=None, image_shape=None, data_domai
     ``encoder``, ``image_shape`` (the shape of one datum) and ``data_domain`` (the likelihood's
     ``accepts``) go to the priors that take them, such as the VampPrior, defined through the guide.
     """
-    from .components import model_arguments
-
     if name not in PRIORS:
         raise ValueError(f"unknown prior {name!r}; choose one of {sorted(PRIORS)}")
     cls = PRIORS[name]

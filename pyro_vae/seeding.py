@@ -61,3 +61,19 @@ def preserved() -> Iterator[None]:
     finally:
         random.setstate(python_state)
         np.random.set_state(numpy_state)
+
+
+@contextlib.contextmanager
+def probing(like: torch.Tensor | None = None) -> Iterator[None]:
+    """Run parts only to learn what they do (build a class, check shapes, derive a capability),
+    leaving no trace: no autograd graph, and a private random stream, since building draws
+    initial weights and running may sample, which must not move the caller's draws.
+
+    :param like: a tensor on the device the parts run on; where it is an accelerator, that
+        device's generator is forked too. ``None``: the CPU only.
+    """
+    device = torch.device("cpu") if like is None else like.device
+    devices = [device] if device.type != "cpu" else []
+    # the type is named even for the CPU alone: see seeded()
+    with torch.random.fork_rng(devices=devices, device_type=device.type), torch.no_grad():
+        yield
