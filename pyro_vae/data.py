@@ -5,8 +5,8 @@
 or an array file (the readers are in :mod:`pyro_vae.sources`). Each split becomes one
 contiguous float tensor, ``(N, C, H, W)`` images or ``(N, D)`` vectors, and a batch is a
 slice of a seeded permutation. A torchvision ``DataLoader`` with a per-image ``ToTensor``
-transform makes an MNIST epoch about 2.5x slower on a small CPU, so it is not used in the
-training loop. :class:`Splits` records where the data came from and a fingerprint of it, so a
+transform made an MNIST epoch several times slower on a small CPU (the figure is in the
+results log, docs/results.md), so it is not used in the training loop. :class:`Splits` records where the data came from and a fingerprint of it, so a
 run can later be checked to be scored on the very data it trained on (:func:`check_source`).
 """
 
@@ -135,7 +135,8 @@ def _missing(root: Path, spec: TorchvisionDataset, tried_download: bool = False)
 def fingerprint(*parts: RawData) -> str:
     """SHA-256 (hex) of the values and labels of ``parts``, with their types and shapes:
     the same bytes read give the same string; one changed value, another shape or other labels
-    give another. About 35 ms for MNIST's 55 MB of ``uint8``."""
+    give another. One pass over the bytes, cheap beside reading them (docs/results.md has the
+    time for MNIST)."""
     digest = hashlib.sha256()
     for part in parts:
         for tensor in (part.values, part.labels):
@@ -353,8 +354,8 @@ def binarize(images: torch.Tensor, generator: torch.Generator | None = None) -> 
 
 def binarize_fast(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """The same distribution as :func:`binarize` (pixel = 1 with probability its grey value),
-    drawn as ``uniform < grey``: 0.34 s against torch.bernoulli's 0.69 s per 50,000 MNIST images
-    on 2 CPU threads (as measured for issue #12), and it runs for every batch of a dynamically
+    drawn as ``uniform < grey``, which took half the time of ``torch.bernoulli`` on MNIST
+    (measured for issue #12; docs/results.md), and it runs for every batch of a dynamically
     binarized run. The draws differ from :func:`binarize`'s for the same generator."""
     uniform = torch.rand(images.shape, generator=generator, dtype=images.dtype, device=images.device)
     return (uniform < images).to(images.dtype)

@@ -244,8 +244,8 @@ class DReG_IWAE_ELBO:
             return self.differentiable_loss(model, guide, *args, **kwargs).item()
 
 
-# Pyro's JIT variants are not offered: on a 784-400-50 MLP VAE, JitTrace_ELBO with these
-# networks measured about 4x slower per step than Trace_ELBO here (pyro 1.9.2, torch 2.14).
+# Pyro's JIT variants are not offered: on the default MLP VAE, JitTrace_ELBO with these
+# networks was several times slower per step than Trace_ELBO (docs/results.md).
 ELBOS = {
     "mc": Trace_ELBO,  # Monte Carlo estimate of every term
     "analytic": TraceMeanField_ELBO,  # closed-form KL where known
@@ -260,16 +260,16 @@ IWAE_BOUNDS = frozenset({"iwae", "iwae_dreg"})
 #: Upper bound on the elements of one decoded chunk (samples x images x pixels), unless one
 #: group of the largest bound's K needs more. 2**22 float32 values are 16 MiB: the decoder's
 #: output stays in the CPU's caches for the elementwise passes of log p(x|z) that follow it.
-#: Measured here (benchmarks/evaluate.py): K = 5000 at 2**25 elements (128 MiB) took about
-#: 1.8 times as long as at 2**22; smaller chunks gain nothing more.
+#: ``benchmarks/evaluate.py`` measures it: larger chunks were slower, smaller ones gained
+#: nothing (docs/results.md).
 MAX_CHUNK_ELEMENTS = 2**22
 
 #: Decoded values (samples x images x values of a datum) from which :func:`evaluate` on a CPU
 #: scores Bernoulli pixels by a compiled kernel (:func:`~pyro_vae.likelihoods.fused_log_prob`).
-#: Its compile takes 3 to 9 seconds (warm or cold cache on disk) and it saves about 1.7 ns a value
-#: here (``benchmarks/evaluate.py``: 7.89 against 9.23 s for 7.8 x 10^8 values): at 2**32
-#: values the two about cancel, above they save (K = 1000 on the 10,000 MNIST test images is
-#: 7.8 x 10^9 values, K = 5000 3.9 x 10^10); smaller evaluations, the tests', stay eager.
+#: Compiling costs seconds once; the kernel saves a little per value (``benchmarks/evaluate.py``
+#: measures both; docs/results.md has the figures). The threshold is where the two about
+#: cancel: K = 1000 on the 10,000 MNIST test images is 7.8 x 10^9 values and pays, while
+#: smaller evaluations, the tests', stay eager.
 FUSE_MIN_ELEMENTS = 2**32
 
 

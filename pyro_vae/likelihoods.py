@@ -83,10 +83,10 @@ def _log_sigmoid_(y: torch.Tensor) -> torch.Tensor:
     """``log sigmoid(y) = min(y, 0) - log1p(exp(-|y|))`` in place on ``y`` (no gradient).
 
     Written out of in-place passes: in the whole K = 5000 evaluation timed side by side by
-    ``benchmarks/evaluate.py`` here (torch 2.14.1, 2 threads), torch's one ``logsigmoid``
-    kernel took 1.24 and 1.28 times as long in two runs, the ``softplus`` form 1.00 and 1.03,
-    although on one chunk alone ``logsigmoid`` is as fast (why it loses inside the evaluation,
-    cache or allocation, is not measured apart). Exact for infinite ``y``; NaN stays NaN.
+    ``benchmarks/evaluate.py``, torch's one ``logsigmoid`` kernel took longer than this form
+    (docs/results.md), although on one chunk alone it is as fast (why it loses inside the
+    evaluation, cache or allocation, is not measured apart). Exact for infinite ``y``; NaN
+    stays NaN.
     """
     tail = y.abs().neg_().exp_().log1p_()
     return y.clamp_(max=0).sub_(tail)
@@ -102,7 +102,7 @@ _GROUP = 64
 #: Products taken side by side: a datum's values are laid out in rows of this many, and each
 #: column is multiplied down the rows, so the products run in the vector lanes (16 float32 values
 #: fill an AVX-512 register, two AVX2 ones). Products along rows of 61 instead (the first form)
-#: took 1.9 times as long on 2 AVX-512 cores (a (50, 100, 784) chunk compiled, 2.6 against 1.4 ms).
+#: were slower on AVX-512 cores (docs/results.md).
 _LANES = 16
 
 

@@ -152,7 +152,7 @@ class VAE(nn.Module):
 
     # The bodies without the pyro.module registration. fit() steps self.parameters() with a
     # torch optimizer, so it has no use for the global param store; skipping the registration
-    # saved about 0.3-0.4 ms of a 7 ms step here and leaves the store as the user had it.
+    # saves a few percent of a step (docs/results.md) and leaves the store as the user had it.
     def model_body(self, x: torch.Tensor, beta: float = 1.0, reconstruction_weight: float = 1.0) -> torch.Tensor:
         with pyro.plate(PLATE, x.shape[0]):
             with latent_weight(beta):

@@ -40,7 +40,8 @@ class DiagonalGaussianMixture(dist.MixtureSameFamily):
         base = component_distribution.base_dist
         # The unexpanded (K, D) parameters, carried through ``expand``: indexing them out of a
         # plate-expanded view would cost a backward pass that fills a zero tensor of the
-        # expanded (N, K, D) shape (17 ms of a 75 ms VampPrior step at batch 256, K = 500).
+        # expanded (N, K, D) shape (a fifth of a VampPrior step at batch 256, K = 500:
+        # docs/results.md).
         self._shared = (base.loc, base.scale, mixture_distribution.logits) if base.loc.dim() == 2 else None
 
     def expand(self, batch_shape, _instance=None):
