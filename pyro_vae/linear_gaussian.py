@@ -31,6 +31,7 @@ from torch import nn
 from .likelihoods import IMAGE_EVENT_DIM
 from .model import VAE
 from .priors import StandardNormal
+from .seeding import seeded
 
 #: The default problem: images of shape (1, 2, 3), so x_dim = 6, with z_dim = 2 and s = 0.5.
 SHAPE = (1, 2, 3)
@@ -103,7 +104,6 @@ def linear_gaussian(diagonal_posterior: bool = True, num_images: int = 50, shift
     encoder = PosteriorEncoder(W, b, NOISE, shift=shift, inflate=inflate)
     vae = VAE(encoder, LinearDecoder(W, b, SHAPE), GaussianPixels(NOISE), StandardNormal(Z_DIM))
     marginal = dist.MultivariateNormal(b, W @ W.T + NOISE**2 * torch.eye(X_DIM))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
+    with seeded(1):
         x = marginal.sample((num_images,)).reshape(num_images, *SHAPE)
     return vae, x, marginal.log_prob(x.flatten(1))
