@@ -38,7 +38,6 @@ extensions = [
 ]
 
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
-myst_enable_extensions = ["dollarmath"]
 myst_heading_anchors = 3  # `[text](page.md#a-heading)` links resolve to headings down to ###
 exclude_patterns = ["_build", "_generated"]
 html_theme = "alabaster"
@@ -134,6 +133,41 @@ def _config_keys() -> str:
     return "\n".join(rows) + "\n"
 
 
+def _components() -> str:
+    """The built-in parts by kind, read from the registries: name, class, options with their
+    defaults (the constructor's keyword arguments), what the part declares."""
+    from pyro_vae.components import has_closed_form_kl, options_of
+    from pyro_vae.elbo import ELBOS
+    from pyro_vae.guides import GUIDES
+    from pyro_vae.likelihoods import LIKELIHOODS
+    from pyro_vae.networks import ARCHITECTURES
+    from pyro_vae.priors import PRIORS
+
+    def name_of(cls) -> str:
+        return f"{{py:class}}`{cls.__name__} <{cls.__module__}.{cls.__qualname__}>`"
+
+    def options(cls, kind: str) -> str:
+        found = options_of(cls, kind)
+        return ", ".join(f"`{key}` = `{_literal(value)}`" for key, value in found.items()) or "—"
+
+    out = ["### Likelihoods (`model.likelihood`, `model.likelihood_options`)", "",
+           "| name | class | `accepts` (the data it is defined on) | options and defaults |", "| --- | --- | --- | --- |"]
+    out += [f"| `{name}` | {name_of(cls)} | `{cls.accepts}` | {options(cls, 'likelihood')} |" for name, cls in LIKELIHOODS.items()]
+    out += ["", "### Priors (`model.prior`, `model.prior_options`)", "",
+            "| name | class | options and defaults | closed-form KL with the Gaussian guide (`objective.elbo = \"analytic\"`) |",
+            "| --- | --- | --- | --- |"]
+    out += [f"| `{name}` | {name_of(cls)} | {options(cls, 'prior')} | {'yes' if has_closed_form_kl(cls) else 'no: use `mc`'} |"
+            for name, cls in PRIORS.items()]
+    out += ["", "### Guide families (`model.guide`, `model.guide_options`)", "",
+            "| name | class | options and defaults |", "| --- | --- | --- |"]
+    out += [f"| `{name}` | {name_of(cls)} | {options(cls, 'guide')} |" for name, cls in GUIDES.items()]
+    out += ["", "### Networks (`model.arch`)", "", "| name | encoder | decoder |", "| --- | --- | --- |"]
+    out += [f"| `{name}` | {name_of(encoder)} | {name_of(decoder)} |" for name, (encoder, decoder) in ARCHITECTURES.items()]
+    out += ["", "### Estimators (`objective.elbo`)", "", "| name | class |", "| --- | --- |"]
+    out += [f"| `{name}` | {name_of(cls)} |" for name, cls in ELBOS.items()]
+    return "\n".join(out) + "\n"
+
+
 def _public_names() -> str:
     """``pyro_vae.__all__``, each linked to where it is documented (its defining module)."""
     import pyro_vae
@@ -171,6 +205,7 @@ def _generate(app) -> None:
     _write("cli_help.md", _cli_help())
     _write("config_keys.md", _config_keys())
     _write("public_names.rst", _public_names())
+    _write("components.md", _components())
     _check_api_pages(app)
 
 
