@@ -44,8 +44,9 @@ html_theme = "alabaster"
 html_title = "pyro-vae"
 html_static_path: list[str] = []
 
-# The docstrings are reST with :param: lines (no napoleon needed). Members in source order.
-autodoc_default_options = {"members": True, "member-order": "bysource", "show-inheritance": True}
+# The docstrings are reST with :param: lines (no napoleon needed). Members in source order;
+# public names without a docstring are listed too (their signature is still the contract).
+autodoc_default_options = {"members": True, "undoc-members": True, "member-order": "bysource", "show-inheritance": True}
 autodoc_typehints = "description"
 autoclass_content = "both"
 # A method without a docstring of its own stays without one: inheriting would copy torch's
@@ -168,22 +169,45 @@ def _components() -> str:
     return "\n".join(out) + "\n"
 
 
+def _home(name: str) -> str:
+    """The module that defines the public name ``pyro_vae.NAME``."""
+    import pyro_vae
+
+    obj = getattr(pyro_vae, name)
+    home = getattr(obj, "__module__", None) if callable(obj) else None
+    if home is None:  # a constant: the module that defines it at top level
+        modules = [importlib.import_module(f"pyro_vae.{m.name}") for m in pkgutil.iter_modules(pyro_vae.__path__)
+                   if not m.name.startswith("_")]
+        home = next((m.__name__ for m in modules if m.__dict__.get(name) is obj), "pyro_vae")
+    return home
+
+
 def _public_names() -> str:
     """``pyro_vae.__all__``, each linked to where it is documented (its defining module)."""
     import pyro_vae
 
-    modules = [importlib.import_module(f"pyro_vae.{m.name}") for m in pkgutil.iter_modules(pyro_vae.__path__)
-               if not m.name.startswith("_")]
     rows = [".. list-table::", "   :header-rows: 1", "", "   * - name", "     - documented in"]
     for name in pyro_vae.__all__:
-        obj = getattr(pyro_vae, name)
-        home = getattr(obj, "__module__", None) if callable(obj) else None
-        if home is None:  # a constant: the module that defines it at top level
-            home = next((m.__name__ for m in modules if m.__dict__.get(name) is obj
-                         and name in getattr(m, "__all__", [name])), "pyro_vae")
+        obj, home = getattr(pyro_vae, name), _home(name)
         role = "class" if isinstance(obj, type) else ("func" if callable(obj) else "data")
         rows += [f"   * - :py:{role}:`{name} <{home}.{name}>`", f"     - :mod:`{home}`"]
     return "\n".join(rows) + "\n"
+
+
+def _resolve_public_name(app, env, node, contnode):
+    """Docstrings may write ``:func:`pyro_vae.fit```: a public name resolves to where it is
+    defined (``pyro_vae.train.fit``), which is where autodoc documents it. Done here rather than
+    by documenting every name twice, which would make short references (``ConfigError``)
+    ambiguous."""
+    import pyro_vae
+
+    target = node.get("reftarget", "")
+    parts = target.split(".")
+    if node.get("refdomain") != "py" or len(parts) < 2 or parts[0] != "pyro_vae" or parts[1] not in pyro_vae.__all__:
+        return None
+    defined = f"{_home(parts[1])}.{'.'.join(parts[1:])}"
+    return env.get_domain("py").resolve_xref(env, node["refdoc"], app.builder, node["reftype"], defined, node,
+                                             contnode)
 
 
 def _check_api_pages(app) -> None:
@@ -195,10 +219,10 @@ def _check_api_pages(app) -> None:
     pages = {p.stem for p in API.iterdir() if p.suffix in (".md", ".rst")}
     for name in modules:
         if name not in pages:
-            logger.warning(f"pyro_vae.{name} has no API page: add docs/api/{name}.md (automodule) and list it "
-                           "in docs/api/index.md")
+            logger.warning(f"pyro_vae.{name} has no API page: add docs/api/{name}.rst (an automodule, like the "
+                           "others) and list it in docs/api/index.rst")
     for name in sorted(pages - set(modules) - {"index", "pyro_vae"}):
-        logger.warning(f"docs/api/{name}.md documents pyro_vae.{name}, which does not exist")
+        logger.warning(f"docs/api/{name} documents pyro_vae.{name}, which does not exist")
 
 
 def _generate(app) -> None:
@@ -211,4 +235,5 @@ def _generate(app) -> None:
 
 def setup(app):
     app.connect("builder-inited", _generate)
+    app.connect("missing-reference", _resolve_public_name)
     return {"parallel_read_safe": True}
