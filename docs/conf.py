@@ -63,6 +63,7 @@ autodoc_inherit_docstrings = False
 # references only in nitpicky mode, which `make docs` does not use). A folder of downloaded
 # inventories can stand in for the network: PYRO_VAE_INTERSPHINX=/path/with/torch.inv,pyro.inv.
 intersphinx_mapping: dict = {}
+intersphinx_timeout = 10  # seconds per inventory: fail fast where there is no network
 _intersphinx = os.environ.get("PYRO_VAE_INTERSPHINX", "")
 if _intersphinx:
     _local = Path(_intersphinx) if _intersphinx not in ("1", "true", "yes") else None
