@@ -37,7 +37,7 @@ test-seeds: install
 docs: install
 	$(BIN)/python -m sphinx -b html -W --keep-going docs docs/_build/html
 
-# Execute the notebooks in place, full setting (about 58 minutes on 2 CPU cores: 4 + 30 + 9 + 7 + 2 + 6, as they saved).
+# Execute the notebooks in place, full setting (about an hour on 2 CPU cores: docs/results.md, "Notebooks").
 notebooks: install
 	$(BIN)/python notebooks/execute.py
 
