@@ -6,12 +6,12 @@ CONFIG ?= configs/default.toml
 RUN ?= runs/$(basename $(notdir $(CONFIG)))
 PYTEST_ARGS ?=
 
-.PHONY: install train test test-seeds notebooks bench bench-distributed tensorboard clean
+.PHONY: install train test test-seeds docs notebooks bench bench-distributed tensorboard clean
 
 # Re-install when the dependency list or the pinned versions change.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -c constraints.txt -e '.[dev,docs]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -31,7 +31,13 @@ SEEDS ?= 1-20
 test-seeds: install
 	$(BIN)/python -m pytest -m statistical --seed $(SEEDS) $(PYTEST_ARGS)
 
-# Execute the notebooks in place, full setting (about 58 minutes on 2 CPU cores: 4 + 30 + 9 + 7 + 2 + 6, as they saved).
+# The documentation site, docs/_build/html/index.html. Any warning fails the build (-W), and
+# --keep-going lists them all first. PYRO_VAE_INTERSPHINX=1 links to torch's and Pyro's docs
+# (needs the network; see docs/conf.py).
+docs: install
+	$(BIN)/python -m sphinx -b html -W --keep-going docs docs/_build/html
+
+# Execute the notebooks in place, full setting (about an hour on 2 CPU cores: docs/results.md, "Notebooks").
 notebooks: install
 	$(BIN)/python notebooks/execute.py
 
@@ -48,4 +54,4 @@ tensorboard: install
 	$(BIN)/tensorboard --logdir $(RUN)/tensorboard
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache docs/_build
