@@ -68,9 +68,8 @@ from .plugins import load_plugins
 from .priors import PRIORS
 from .seeding import probing
 
-__all__ = ["ACCEPTS", "MODEL_ARGUMENTS", "OPTION_TYPES", "ComponentError", "Record", "record", "register_likelihood",
-           "register_prior", "register_guide", "register_networks", "has_closed_form_kl", "load_plugins",
-           "model_arguments", "options_of", "option_bounds"]
+__all__ = ["REGISTRIES", "Record", "record", "register_likelihood", "register_prior", "register_guide",
+           "register_networks", "has_closed_form_kl"]
 
 #: Each kind of part's registry: name -> class (``"networks"``: name -> (encoder, decoder)).
 REGISTRIES = {"likelihood": LIKELIHOODS, "prior": PRIORS, "guide": GUIDES, "networks": ARCHITECTURES}

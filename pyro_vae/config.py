@@ -27,8 +27,9 @@ from .contract import ComponentError, ConfigError
 from .datasets import DATASETS, check_dataset_config
 from .elbo import ELBOS
 
-__all__ = ["Config", "DataConfig", "ModelConfig", "ObjectiveConfig", "TrainConfig", "ConfigError", "load_config",
-           "save_config", "from_dict", "apply_overrides", "parse_override", "validate", "MAX_SEED"]
+# ConfigError is importable from here too, but documented where it lives: pyro_vae.contract
+__all__ = ["Config", "DataConfig", "ModelConfig", "ObjectiveConfig", "TrainConfig", "load_config", "save_config",
+           "from_dict", "apply_overrides", "parse_override", "validate", "MAX_SEED"]
 
 
 @dataclass(frozen=True)

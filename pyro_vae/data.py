@@ -27,8 +27,8 @@ from .contract import ACCEPTS, ConfigError
 from .datasets import DATASETS, TorchvisionDataset, check_dataset_config, check_split_sizes
 from .sources import DataError, RawData, is_path_like, read_path
 
-__all__ = ["DATASETS", "DataError", "DataNotFoundError", "ImageData", "Splits", "load_data", "load_splits", "from_tensors",
-           "check_source", "check_likelihood_range", "check_dataset_config", "binarize", "binarize_fast", "binarize_once",
+__all__ = ["DataError", "DataNotFoundError", "ImageData", "Splits", "load_data", "load_splits", "from_tensors",
+           "check_source", "check_likelihood_range", "binarize", "binarize_fast", "binarize_once",
            "prepare", "iterate_batches", "resolve_data_dir"]
 
 #: Environment variable naming the folder that holds ``MNIST/raw/...`` and friends.
