@@ -89,7 +89,7 @@ class ObjectiveConfig:
     #: "constant"; "warmup": linear from 0 to beta over beta_epochs epochs; "cyclical": cycles
     #: of beta_epochs epochs, rising linearly for the first beta_ramp of each (Fu et al. 2019).
     #: Both start at beta = 0, where "stl" diverged in a run here ("iwae_dreg" has the same
-    #: path-derivative term; see the README).
+    #: path-derivative term; docs/results.md, Quality, row Q9).
     beta_schedule: str = "constant"
     beta_epochs: int = 10
     beta_ramp: float = 0.5
