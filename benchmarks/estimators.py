@@ -23,7 +23,7 @@ from unittest import mock
 import torch
 
 import pyro_vae
-from pyro_vae import elbo
+from pyro_vae import elbo, estimators
 from pyro_vae.data import binarize_fast
 from pyro_vae.model import build_vae
 
@@ -35,7 +35,7 @@ def make_step(vae, optimizer, x, spec: str):
 
     def step():
         # the detached-draw form is what a guide without detachable parameters gets
-        with mock.patch.object(elbo, "_with_detached_parameters", lambda fn: None) if two_pass else nullcontext():
+        with mock.patch.object(estimators, "_with_detached_parameters", lambda fn: None) if two_pass else nullcontext():
             loss = estimator.differentiable_loss(vae.model_body, vae.guide_body, x)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

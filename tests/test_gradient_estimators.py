@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch import nn
 
-from pyro_vae import elbo as elbo_module
+from pyro_vae import estimators as estimators_module
 from pyro_vae.compare import compare_estimators
 from pyro_vae.config import load_config
 from pyro_vae.distributed import SharedNoise
@@ -329,15 +329,8 @@ def test_guides_they_cannot_differentiate_are_refused(estimator):
         with pyro.plate("data", len(x)):
             pyro.sample("a", dist.Poisson(torch.ones(3)))
 
-    def two_sites(x):
-        with pyro.plate("data", len(x)):
-            pyro.sample("a", dist.Normal(torch.zeros(3), 1.0))
-            pyro.sample("z", dist.Normal(torch.zeros(3), 1.0))
-
-    with pytest.raises(ValueError, match="reparameterized"):
+    with pytest.raises(ValueError, match="guide site 'a' draws from Poisson, which has no reparameterized"):
         estimator.differentiable_loss(model, discrete_guide, x)
-    with pytest.raises(ValueError, match="one latent site"):
-        estimator.differentiable_loss(model, two_sites, x)
 
 
 @pytest.mark.parametrize("name", ["stl", "iwae_dreg"])
@@ -391,9 +384,9 @@ def test_stl_one_pass_equals_the_detached_draw_form(prior, particles, monkeypatc
         loss = STL_ELBO(particles).differentiable_loss(vae.model_body, vae.guide_body, x, beta=0.7)
         return loss, torch.autograd.grad(loss, params)
 
-    assert elbo_module._with_detached_parameters(vae.encode(x)) is not None  # the one-pass form applies
+    assert estimators_module._with_detached_parameters(vae.encode(x)) is not None  # the one-pass form applies
     one_pass = loss_and_gradients()
-    monkeypatch.setattr(elbo_module, "_with_detached_parameters", lambda fn: None)
+    monkeypatch.setattr(estimators_module, "_with_detached_parameters", lambda fn: None)
     general = loss_and_gradients()
     torch.testing.assert_close(one_pass[0], general[0], rtol=1e-6, atol=1e-4)
     for (label, _), got, want in zip(vae.named_parameters(), one_pass[1], general[1]):
