@@ -1,8 +1,10 @@
 """The run folder of :func:`~pyro_vae.train.fit`, with one owner: :class:`RunFolder`.
 
 A run folder holds ``config.toml`` (the resolved config), ``metrics.jsonl`` (one record per
-finished epoch) and ``checkpoint.pt`` (everything needed to resume). Every write goes through
-one disk guard, so that a full disk is always the same one-line
+finished epoch) and ``checkpoint.pt`` (everything needed to resume). Whole files are replaced
+atomically (a temporary file, then a rename); an epoch's metrics line is appended, after its
+checkpoint, and the metrics are rewritten from the checkpoint whenever a run starts. Every
+write goes through one disk guard, so that a full disk is always the same one-line
 :class:`~pyro_vae.checkpoint.DiskFullError`, naming the checkpoint that survived.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -28,6 +31,24 @@ def position(epoch: int, step: int) -> str:
     ('epoch 3', 'step 7 of epoch 4')
     """
     return f"epoch {epoch}" if step == 0 else f"step {step} of epoch {epoch + 1}"
+
+
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` to write, renamed over ``path`` when the block ends, so
+    that ``path`` is always whole: the old file or the new one.
+
+    Named as :func:`~pyro_vae.checkpoint.remove_stale_temporaries` expects (``.NAME.*.tmp``), so
+    that the next start removes what a killed process left; created by ``open``, so that the
+    file gets the usual permissions. One process writes a run folder, so the pid makes it unique.
+    """
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 class RunFolder:
@@ -60,10 +81,13 @@ class RunFolder:
             raise RunExistsError(f"{self.path} already holds a run; continue it from its checkpoint or choose another folder")
         with self.guard():
             self.path.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(self.path)
-            save_config(config, self.path / CONFIG_NAME)
+            for name in (CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME):
+                remove_stale_temporaries(self.path, name)
+            with _replacing(self.path / CONFIG_NAME) as temporary:
+                save_config(config, temporary)
             # Rewritten from the checkpoint's history, so metrics never run ahead of the state.
-            (self.path / METRICS_NAME).write_text("".join(json.dumps(r) + "\n" for r in history))
+            with _replacing(self.path / METRICS_NAME) as temporary:
+                temporary.write_text("".join(json.dumps(r) + "\n" for r in history))
 
     def save_checkpoint(self, state: dict) -> None:
         """Replace the checkpoint with ``state`` (atomically: the previous one stays whole until then)."""

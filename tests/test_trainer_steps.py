@@ -136,3 +136,12 @@ def test_a_callback_list_calls_each_in_order_and_exits_in_reverse():
         callbacks.observe(None, {})
     assert calls == [("a", "enter"), ("b", "enter"), ("a", "observe"), ("b", "observe"), ("b", "exit"),
                      ("a", "exit")]
+
+
+def test_the_run_folder_replaces_whole_files_and_removes_what_a_killed_start_left(tmp_path, tiny_config):
+    stray = [tmp_path / ".config.toml.123.tmp", tmp_path / ".metrics.jsonl.456.tmp", tmp_path / ".checkpoint.pt.x.tmp"]
+    for path in stray:
+        path.write_text("half a file")
+    RunFolder(tmp_path).start(tiny_config, [{"epoch": 1}], resuming=True)
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert json.loads((tmp_path / METRICS_NAME).read_text()) == {"epoch": 1}
