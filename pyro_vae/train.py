@@ -222,13 +222,12 @@ def _fit(config, splits, run_dir, checkpoint, progress, callback, device, vae, p
         config = reconciled_config(config, checkpoint, built)
     parts = _prepare(config, splits, device, vae, built, plugins)
     loop = _restore(parts, checkpoint)
-    writes = run_dir is not None and parts.runtime.is_main
-    run_dir = Path(run_dir) if writes else run_dir
+    written = Path(run_dir) if run_dir is not None and parts.runtime.is_main else None  # rank 0 writes
     # every rank checks for TensorBoard before anything trains; only the writing one writes
-    monitor = Monitor(parts.val_images, config.train.seed, parts.runtime.device, run_dir=run_dir if writes else None,
+    monitor = Monitor(parts.val_images, config.train.seed, parts.runtime.device, run_dir=written,
                       tensorboard=config.train.tensorboard and run_dir is not None, start_epoch=loop.epoch,
                       snapshots=checkpoint.get("snapshots") if checkpoint is not None else None)
-    folder = RunFolder(run_dir if writes else None, checkpoint)
+    folder = RunFolder(written, checkpoint)
     folder.start(config, loop.history, resuming=checkpoint is not None)
     callbacks = _callbacks(parts, monitor, callback, progress)
     parts.vae.train()
@@ -237,7 +236,7 @@ def _fit(config, splits, run_dir, checkpoint, progress, callback, device, vae, p
             completed = _train(parts, loop, folder, callbacks, stop, monitor)
     except _NonFinite as error:
         raise _diverged(error, loop.epoch, config, folder) from None
-    return FitResult(parts.vae.eval(), config, loop.history, run_dir, completed=completed)
+    return FitResult(parts.vae.eval(), config, loop.history, written or run_dir, completed=completed)
 
 
 @dataclass
@@ -443,6 +442,7 @@ def _checked_loss(parts: _Parts, batch: torch.Tensor, beta: float, index: int) -
         # whether this one is a divergence, the numbers decide, not the message
         if not _numbers_blew_up(parts, batch, beta):
             raise
+    # raised outside the handler: Pyro's refusal would only repeat the message at length
     raise _NonFinite("a parameter of q(z|x) or p(x|z) is NaN or infinite", index)
 
 
