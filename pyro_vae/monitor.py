@@ -107,9 +107,10 @@ def _code(vae, x: torch.Tensor, q) -> torch.Tensor:
 class Monitor:
     """Each finished epoch of :func:`~pyro_vae.train.fit`: a snapshot, and TensorBoard if asked.
 
-    Use as a context manager around the training loop (it opens and closes the event files)
-    and call :meth:`observe` with each epoch's metrics record, while the VAE is in eval mode
-    and before the checkpoint is saved; :attr:`snapshots` is what the checkpoint keeps.
+    A :class:`~pyro_vae.callbacks.Callback`, as the console is: a context manager around the
+    training loop (it opens and closes the event files) whose :meth:`observe` sees each
+    epoch's metrics record, while the VAE is in eval mode and before the checkpoint is saved;
+    :attr:`snapshots` is what the checkpoint keeps. Its other hooks do nothing.
 
     :param val_images: the validation images ``(N, *image_shape)`` as the model sees them;
         the first :data:`SNAPSHOT_IMAGES` are the snapshots' inputs.
@@ -161,6 +162,18 @@ class Monitor:
                     raise
                 # keep the error that stopped training (often the same full disk)
         return False
+
+    def epoch_begins(self, epoch: int, step: int) -> None:
+        pass
+
+    def step_ends(self, step: int, loss: float) -> None:
+        pass
+
+    def steps_end(self) -> None:
+        pass
+
+    def epoch_ends(self, record: dict) -> None:
+        pass
 
     @torch.no_grad()
     def observe(self, vae, record: dict) -> None:

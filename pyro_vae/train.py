@@ -5,19 +5,26 @@ SVI maximizes the ELBO: Pyro's estimator turns ``model``/``guide`` into a differ
 This is the same objective and update as ``SVI(model, guide, pyro.optim.Adam, elbo)``, with
 less per-step overhead: one fused optimizer instead of one per parameter, and no detour
 through the global parameter store.
+
+The trainer in steps, each with one job (as pythae's trainer, and nanoGPT's labelled loop):
+:func:`reconciled_config` (a resumed run's config), :func:`_prepare` (the model, data,
+optimizer and loss), :func:`_restore` (a checkpoint's state), then per epoch the schedules,
+:func:`_train_epoch` (one :func:`_step` a batch), and :func:`_end_epoch` (validation, callbacks, the
+checkpoint). The run folder has one owner, :class:`~pyro_vae.run_folder.RunFolder`; the
+console and TensorBoard are callbacks (:mod:`pyro_vae.callbacks`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import math
 import resource
 import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -26,9 +33,9 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import (BUILT_BY_HAND, BUILT_FROM_CONFIG, CHECKPOINT_NAME, DiskFullError, RunExistsError,
-                         is_disk_full, remove_stale_temporaries, save_checkpoint, training_state)
-from .config import Config, from_dict, save_config
+from .callbacks import CallbackList, Console, RecordCallback
+from .checkpoint import BUILT_BY_HAND, BUILT_FROM_CONFIG, training_state
+from .config import Config, from_dict
 from .data import Splits, binarize_once, check_likelihood_range, iterate_batches, prepare
 from .distributed import (ELBOLoss, Runtime, SharedNoise, all_reduce_sum, current_runtime, data_parallel, local_part,
                           shard_bounds)
@@ -36,10 +43,11 @@ from .elbo import make_elbo, mean_elbo
 from .likelihoods import LIKELIHOODS
 from .model import LATENT, VAE, build_vae, init_output_bias
 from .monitor import Monitor
+from .run_folder import METRICS_NAME, RunFolder
 from .seeding import preserved
 
-METRICS_NAME = "metrics.jsonl"
-CONFIG_NAME = "config.toml"
+__all__ = ["METRICS_NAME", "FitResult", "TrainingDiverged", "beta_at", "check_data", "fit", "learning_rate",
+           "make_optimizer", "peak_memory_mb", "reconciled_config", "resumed_config"]
 
 
 class TrainingDiverged(FloatingPointError):
@@ -74,6 +82,29 @@ def resumed_config(saved: Config, epochs: int) -> Config:
     if epochs != train.epochs and train.lr_schedule != "constant" and train.lr_schedule_epochs == 0:
         overrides["train.lr_schedule_epochs"] = train.epochs
     return saved.replace(**overrides)
+
+
+def reconciled_config(config: Config, checkpoint: dict, built: str) -> Config:
+    """The config that continues ``checkpoint``'s run when the caller asks for ``config``.
+
+    :param config: the caller's config. Only ``train.epochs`` may differ from the run's
+        (:func:`resumed_config`); ``train.lr_schedule_epochs`` left unset (0) means the run's own.
+    :param checkpoint: a state from :func:`~pyro_vae.checkpoint.load_checkpoint`.
+    :param built: how the VAE to train was made (:data:`~pyro_vae.checkpoint.BUILT_FROM_CONFIG`
+        or :data:`~pyro_vae.checkpoint.BUILT_BY_HAND`), which must be how the run's was.
+    :raises ValueError: the VAE was made the other way, or another setting differs.
+    """
+    if checkpoint.get("built", BUILT_FROM_CONFIG) != built:
+        raise ValueError("the checkpoint's VAE was built by hand: pass the same VAE again, fit(..., vae=...)"
+                         if built == BUILT_FROM_CONFIG else
+                         "the checkpoint's VAE was built from its config: resume without vae=")
+    continued = resumed_config(from_dict(checkpoint["config"]), config.train.epochs)
+    given = config
+    if given.train.lr_schedule_epochs == 0:  # unset by the caller: the run's own span
+        given = given.replace(**{"train.lr_schedule_epochs": continued.train.lr_schedule_epochs})
+    if given != continued:
+        raise ValueError("the checkpoint was written with another config; only train.epochs may change on resume")
+    return continued
 
 
 def beta_at(objective, epoch: int) -> float:
@@ -185,22 +216,99 @@ def fit(
 
 
 def _fit(config, splits, run_dir, checkpoint, progress, callback, device, vae, plugins) -> FitResult:
+    """:func:`fit`'s steps in order: reconcile a resume, prepare, restore, open the run folder, train."""
     built = BUILT_FROM_CONFIG if vae is None else BUILT_BY_HAND
     if checkpoint is not None:
-        if checkpoint.get("built", BUILT_FROM_CONFIG) != built:
-            raise ValueError("the checkpoint's VAE was built by hand: pass the same VAE again, fit(..., vae=...)"
-                             if built == BUILT_FROM_CONFIG else
-                             "the checkpoint's VAE was built from its config: resume without vae=")
-        saved = from_dict(checkpoint["config"])
-        continued = resumed_config(saved, config.train.epochs)
-        given = config
-        if given.train.lr_schedule_epochs == 0:  # unset by the caller: the run's own span
-            given = given.replace(**{"train.lr_schedule_epochs": continued.train.lr_schedule_epochs})
-        if given != continued:
-            raise ValueError("the checkpoint was written with another config; only train.epochs may change on resume")
-        config = continued
+        config = reconciled_config(config, checkpoint, built)
+    parts = _prepare(config, splits, device, vae, built, plugins)
+    loop = _restore(parts, checkpoint)
+    written = Path(run_dir) if run_dir is not None and parts.runtime.is_main else None  # rank 0 writes
+    # every rank checks for TensorBoard before anything trains; only the writing one writes
+    monitor = Monitor(parts.val_images, config.train.seed, parts.runtime.device, run_dir=written,
+                      tensorboard=config.train.tensorboard and run_dir is not None, start_epoch=loop.epoch,
+                      snapshots=checkpoint.get("snapshots") if checkpoint is not None else None)
+    folder = RunFolder(written, checkpoint)
+    folder.start(config, loop.history, resuming=checkpoint is not None)
+    callbacks = _callbacks(parts, monitor, callback, progress)
+    parts.vae.train()
+    try:
+        with _StopRequest(announce=parts.runtime.is_main) as stop, _frozen_heap(), callbacks:
+            completed = _train(parts, loop, folder, callbacks, stop, monitor)
+    except _NonFinite as error:
+        raise _diverged(error, loop.epoch, config, folder) from None
+    return FitResult(parts.vae.eval(), config, loop.history, written or run_dir, completed=completed)
+
+
+@dataclass
+class _Parts:
+    """What the loop trains with, made once by :func:`_prepare`, and what the run records of it."""
+
+    config: Config
+    runtime: Runtime
+    vae: VAE
+    #: the batch's negative ELBO (:class:`~pyro_vae.distributed.ELBOLoss`)
+    loss: ELBOLoss
+    #: ``loss``, wrapped in ``DistributedDataParallel`` in a process group
+    objective: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    #: the data's stream: each epoch's order of the images, and their dynamic binarization
+    generator: torch.Generator
+    images: torch.Tensor
+    val_images: torch.Tensor
+    image_shape: tuple
+    #: where the data came from, as the checkpoint records it
+    source: dict
+    built: str
+    plugins: Sequence[str]
+
+    @property
+    def num_steps(self) -> int:
+        """The steps of one epoch (the last batch may be short)."""
+        return math.ceil(len(self.images) / self.config.train.batch_size)
+
+
+def _fresh_sums() -> dict:
+    return {"loss": 0.0, "images": 0, "seconds": 0.0}
+
+
+@dataclass
+class _Loop:
+    """Where training stands: what a checkpoint keeps of the loop.
+
+    ``step`` steps of epoch ``epoch`` (0-based) are done, in the permutation ``order`` of the
+    training images, with running sums ``partial``; ``history`` holds a metrics record for each
+    finished epoch.
+    """
+
+    epoch: int = 0
+    step: int = 0
+    order: torch.Tensor | None = None
+    partial: dict = field(default_factory=_fresh_sums)
+    history: list[dict] = field(default_factory=list)
+
+    def finish_epoch(self, record: dict) -> None:
+        self.history.append(record)
+        self.epoch, self.step, self.order, self.partial = self.epoch + 1, 0, None, _fresh_sums()
+
+
+class _NonFinite(Exception):
+    """A step met a NaN or an infinity. :func:`_fit` turns it into :class:`TrainingDiverged`,
+    whose message also says which epoch it was and what the run folder kept.
+
+    :param problem: what was not finite, in words.
+    :param index: the step (0-based) in the running epoch.
+    """
+
+    def __init__(self, problem: str, index: int):
+        super().__init__(problem)
+        self.problem = problem
+        self.index = index
+
+
+def _prepare(config: Config, splits: Splits, device, vae: VAE | None, built: str, plugins) -> _Parts:
+    """Seed; build the VAE (or check the one given); check and prepare the data; make the
+    optimizer and the loss. In this order: it is the order of the draws from the seeded stream."""
     runtime = current_runtime(device)
-    device = runtime.device
     pyro.set_rng_seed(config.train.seed)
     if vae is None:
         vae = build_vae(config.model, splits.train.image_shape)  # checks its parts' shapes
@@ -211,152 +319,214 @@ def _fit(config, splits, run_dir, checkpoint, progress, callback, device, vae, p
     if built == BUILT_FROM_CONFIG and config.model.init_output_bias:
         init_output_bias(vae, images)  # from the data it trains on (Burda et al. 2015); draws nothing
     val_images = prepare(splits.val, config.data.binarize).images
-    vae = vae.to(device)
+    vae = vae.to(runtime.device)
     optimizer = make_optimizer(vae.parameters(), config.train.lr)
-    estimator = make_elbo(config.objective.elbo, config.objective.num_particles)
-    objective = data_parallel(ELBOLoss(vae, estimator), runtime, may_mask=_may_mask(config.objective))
-    generator = torch.Generator().manual_seed(config.train.seed)
-    dynamic = config.data.binarize == "dynamic"
-    recon_weight = config.objective.reconstruction_weight
-    writes = run_dir is not None and runtime.is_main
-    show = progress and runtime.is_main
-
-    history: list[dict] = []
-    epoch, step, order, partial = 0, 0, None, {"loss": 0.0, "images": 0, "seconds": 0.0}
-    if checkpoint is not None:
-        vae.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        _set_rng_state(checkpoint["rng"], generator, device)
-        epoch, step, history = checkpoint["epoch"], checkpoint["step"], list(checkpoint["history"])
-        order = checkpoint.get("order")
-        partial = dict(checkpoint.get("partial") or partial)
-    # every rank checks for TensorBoard before anything trains; only the writing one writes
-    monitor = Monitor(val_images, config.train.seed, device, run_dir=run_dir if writes else None,
-                      tensorboard=config.train.tensorboard and run_dir is not None, start_epoch=epoch,
-                      snapshots=checkpoint.get("snapshots") if checkpoint is not None else None)
-
-    # where the checkpoint on disk stands, for the messages of a failed run
-    saved_at = _position(checkpoint["epoch"], checkpoint["step"]) if checkpoint is not None else None
-    if writes:
-        run_dir = Path(run_dir)
-        if checkpoint is None and (run_dir / CHECKPOINT_NAME).exists():
-            raise RunExistsError(f"{run_dir} already holds a run; continue it from its checkpoint or choose another folder")
-        with _disk_space_guard(run_dir, saved_at):
-            run_dir.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(run_dir)
-            save_config(config, run_dir / CONFIG_NAME)
-            # Rewritten from the checkpoint's history, so metrics never run ahead of the state.
-            (run_dir / METRICS_NAME).write_text("".join(json.dumps(r) + "\n" for r in history))
-
+    loss = ELBOLoss(vae, make_elbo(config.objective.elbo, config.objective.num_particles))
+    objective = data_parallel(loss, runtime, may_mask=_may_mask(config.objective))
     # Splits built by hand have no source: say so, so that no command reads other data for it
     source = splits.source or {"dataset": None, "kind": "tensors", "path": None, "fingerprint": None}
+    return _Parts(config=config, runtime=runtime, vae=vae, loss=loss, objective=objective, optimizer=optimizer,
+                  generator=torch.Generator().manual_seed(config.train.seed), images=images, val_images=val_images,
+                  image_shape=splits.train.image_shape, source=source, built=built, plugins=plugins)
 
-    def state(order_now=None, partial_now=None):
-        return training_state(
-            config=config.to_dict(), image_shape=splits.train.image_shape, model=vae.state_dict(),
-            optimizer=optimizer.state_dict(), rng=_rng_state(generator, device), epoch=epoch, step=step,
-            order=order_now, partial=partial_now, history=history, data=source,
-            plugins=plugins, built=built, snapshots=monitor.snapshots,
-        )
 
-    def diverged(problem: str, index: int) -> TrainingDiverged:
-        return _diverged(problem, epoch, index, config, run_dir if writes else None, saved_at)
+def _restore(parts: _Parts, checkpoint: dict | None) -> _Loop:
+    """Load a resumed run's weights, optimizer and random state into ``parts``; where its loop stood."""
+    if checkpoint is None:
+        return _Loop()
+    parts.vae.load_state_dict(checkpoint["model"])
+    parts.optimizer.load_state_dict(checkpoint["optimizer"])
+    _set_rng_state(checkpoint["rng"], parts.generator, parts.runtime.device)
+    return _Loop(epoch=checkpoint["epoch"], step=checkpoint["step"], order=checkpoint.get("order"),
+                 partial=dict(checkpoint.get("partial") or _fresh_sums()), history=list(checkpoint["history"]))
 
-    num_steps = math.ceil(len(images) / config.train.batch_size)
-    vae.train()
-    with _StopRequest(announce=runtime.is_main) as stop, _frozen_heap(), monitor:
-        while epoch < config.train.epochs:
-            lr = learning_rate(config, epoch)
-            beta = beta_at(config.objective, epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            if order is None:
-                order = torch.randperm(len(images), generator=generator)
-            bar = tqdm(total=num_steps, initial=step, desc=f"epoch {epoch + 1}/{config.train.epochs}",
-                       disable=not show, leave=False, dynamic_ncols=True)
-            started = time.perf_counter()
-            stopping = False
-            for index, batch in iterate_batches(images, config.train.batch_size, generator, dynamic, order, step):
-                try:
-                    if runtime.distributed:
-                        begin, end, weight = local_part(len(batch), runtime)
-                        with SharedNoise(LATENT, begin, end, len(batch)):
-                            loss = objective(batch[begin:end].to(device, non_blocking=True), beta=beta,
-                                             reconstruction_weight=recon_weight) * weight
-                    else:
-                        loss = objective(batch.to(device, non_blocking=True), beta=beta,
-                                         reconstruction_weight=recon_weight)
-                except ValueError as error:
-                    # Pyro validates each distribution's parameters: NaN or infinite ones mean
-                    # the weights or activations have blown up, not a bug in the model
-                    if "found invalid values" not in str(error):
-                        raise
-                    raise diverged("a parameter of q(z|x) or p(x|z) is NaN or infinite", index) from None
-                # one reduction a step: the batch's loss for the logs and the divergence
-                # check, and whether any rank was asked to stop, so that all ranks stop
-                # after the same step
-                batch_loss, stops = all_reduce_sum([loss.item() / runtime.world_size, float(stop.requested)], runtime)
-                if not math.isfinite(batch_loss):
-                    raise diverged(f"the loss is {batch_loss}", index)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                # DDP has averaged the gradients, so every rank sees the same ones and decides alike
-                if not math.isfinite(_gradient_sum(vae)):
-                    raise diverged("a gradient entry is NaN or infinite", index)
-                optimizer.step()
-                partial["loss"] += batch_loss
-                partial["images"] += len(batch)
-                step = index + 1  # steps completed in this epoch
-                if show:
-                    bar.update()
-                    bar.set_postfix(loss=f"{partial['loss'] / partial['images']:.2f}", refresh=False)
-                if stops:
-                    stopping = True
-                    break
-            bar.close()
-            partial["seconds"] += time.perf_counter() - started
-            # the last step's update is the one no loss has checked yet: never save it if it broke
-            if not _parameters_finite(vae):
-                raise diverged("a weight of the VAE is NaN or infinite", step - 1)
-            if step < num_steps:  # stopped mid-epoch: keep the epoch's order and sums
-                if writes:
-                    with _disk_space_guard(run_dir, saved_at):
-                        save_checkpoint(state(order, partial), run_dir / CHECKPOINT_NAME)
-                return FitResult(vae.eval(), config, history, run_dir, completed=False)
-            vae.eval()
-            record = {
-                "epoch": epoch + 1,
-                "train_loss": partial["loss"] / partial["images"],
-                "val_elbo": _validation_elbo(vae, val_images, runtime),
-                "beta": beta,
-                "lr": lr,
-                "seconds": partial["seconds"],
-                "images_per_second": partial["images"] / partial["seconds"],
-                "peak_memory_mb": peak_memory_mb(),
-            }
-            with _disk_space_guard(run_dir, saved_at):  # TensorBoard writes to the run's disk
-                monitor.observe(vae, record)  # in eval mode, and before the checkpoint (TensorBoard purges past it)
-            vae.train()
-            history.append(record)
-            epoch, step, order, partial = epoch + 1, 0, None, {"loss": 0.0, "images": 0, "seconds": 0.0}
-            if writes:
-                with _disk_space_guard(run_dir, saved_at):
-                    save_checkpoint(state(), run_dir / CHECKPOINT_NAME)
-                    saved_at = _position(epoch, 0)
-                    with open(run_dir / METRICS_NAME, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-            if callback is not None and runtime.is_main:
-                callback(record)
-            if show:
-                tqdm.write(
-                    f"epoch {record['epoch']:>4}  train_loss {record['train_loss']:8.3f}  "
-                    f"val_elbo {record['val_elbo']:9.3f}  {record['seconds']:6.1f}s  "
-                    f"{record['images_per_second']:7.0f} img/s"
-                )
-            if stopping:
-                return FitResult(vae.eval(), config, history, run_dir, completed=epoch >= config.train.epochs)
-    return FitResult(vae.eval(), config, history, run_dir, completed=True)
 
+def _callbacks(parts: _Parts, monitor: Monitor, callback, progress: bool) -> CallbackList:
+    """The monitor on every rank; the caller's callback and the console on rank 0 only."""
+    callbacks = [monitor]
+    if parts.runtime.is_main:
+        if callback is not None:
+            callbacks.append(RecordCallback(callback))
+        if progress:
+            callbacks.append(Console(parts.config.train.epochs, parts.num_steps))
+    return CallbackList(callbacks)
+
+
+def _train(parts: _Parts, loop: _Loop, folder: RunFolder, callbacks: CallbackList, stop: _StopRequest,
+           monitor: Monitor) -> bool:
+    """Train from where ``loop`` stands to ``train.epochs`` epochs.
+
+    :returns: whether every epoch is trained (false when a stop request ended the run early).
+    :raises _NonFinite: a loss, gradient or weight is NaN or infinite.
+    """
+    config = parts.config
+    while loop.epoch < config.train.epochs:
+        # the epoch's learning rate and KL weight
+        lr, beta = learning_rate(config, loop.epoch), beta_at(config.objective, loop.epoch)
+        for group in parts.optimizer.param_groups:
+            group["lr"] = lr
+        # the steps
+        stopping = _train_epoch(parts, loop, beta, callbacks, stop)
+        # the last step's update is the one no loss has checked yet: never save it if it broke
+        if not _parameters_finite(parts.vae):
+            raise _NonFinite("a weight of the VAE is NaN or infinite", loop.step - 1)
+        if loop.step < parts.num_steps:  # stopped mid-epoch: keep the epoch's order and sums
+            folder.save_checkpoint(_state(parts, loop, monitor.snapshots))
+            return False
+        # evaluation, checkpoint and logging
+        _end_epoch(parts, loop, lr, beta, folder, callbacks, monitor)
+        if stopping:
+            return loop.epoch >= config.train.epochs
+    return True
+
+
+def _train_epoch(parts: _Parts, loop: _Loop, beta: float, callbacks: CallbackList, stop: _StopRequest) -> bool:
+    """Take the steps of epoch ``loop.epoch`` from step ``loop.step`` on.
+
+    :returns: whether a stop was requested (on any rank): the epoch then ends after the step
+        that saw it.
+    """
+    if loop.order is None:
+        loop.order = torch.randperm(len(parts.images), generator=parts.generator)
+    callbacks.epoch_begins(loop.epoch, loop.step)
+    started = time.perf_counter()
+    stopping = False
+    dynamic = parts.config.data.binarize == "dynamic"
+    batches = iterate_batches(parts.images, parts.config.train.batch_size, parts.generator, dynamic, loop.order,
+                              loop.step)
+    for index, batch in batches:
+        batch_loss, stopping = _step(parts, batch, beta, stop, index)
+        loop.partial["loss"] += batch_loss
+        loop.partial["images"] += len(batch)
+        loop.step = index + 1  # steps completed in this epoch
+        callbacks.step_ends(loop.step, loop.partial["loss"] / loop.partial["images"])
+        if stopping:
+            break
+    callbacks.steps_end()
+    loop.partial["seconds"] += time.perf_counter() - started
+    return stopping
+
+
+def _step(parts: _Parts, batch: torch.Tensor, beta: float, stop: _StopRequest, index: int) -> tuple[float, bool]:
+    """One SVI step on ``batch``, the ``index``-th (0-based) of its epoch: loss, gradient, update.
+
+    :returns: the batch's loss (summed over ranks) and whether any rank was asked to stop.
+    :raises _NonFinite: the loss or a gradient is NaN or infinite; the update is not taken.
+    """
+    runtime = parts.runtime
+    loss = _checked_loss(parts, batch, beta, index)
+    # one reduction a step: the batch's loss for the logs and the divergence check, and
+    # whether any rank was asked to stop, so that all ranks stop after the same step
+    batch_loss, stops = all_reduce_sum([loss.item() / runtime.world_size, float(stop.requested)], runtime)
+    if not math.isfinite(batch_loss):
+        raise _NonFinite(f"the loss is {batch_loss}", index)
+    parts.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    # DDP has averaged the gradients, so every rank sees the same ones and decides alike
+    if not math.isfinite(_gradient_sum(parts.vae)):
+        raise _NonFinite("a gradient entry is NaN or infinite", index)
+    parts.optimizer.step()
+    return batch_loss, bool(stops)
+
+
+def _checked_loss(parts: _Parts, batch: torch.Tensor, beta: float, index: int) -> torch.Tensor:
+    """This rank's loss of ``batch``, Pyro validating every distribution's parameters.
+
+    :raises _NonFinite: a distribution was refused because the numbers blew up
+        (:func:`_numbers_blew_up`); any other failure is raised as it is.
+    """
+    try:
+        return _batch_loss(parts.objective, parts, batch, beta)
+    except ValueError:
+        # Pyro refuses NaN parameters with a ValueError, the type of any invalid argument:
+        # whether this one is a divergence, the numbers decide, not the message
+        if not _numbers_blew_up(parts, batch, beta):
+            raise
+    # raised outside the handler: Pyro's refusal would only repeat the message at length
+    raise _NonFinite("a parameter of q(z|x) or p(x|z) is NaN or infinite", index)
+
+
+def _batch_loss(module: torch.nn.Module, parts: _Parts, batch: torch.Tensor, beta: float) -> torch.Tensor:
+    """The negative ELBO of this rank's part of ``batch``, computed by ``module`` (the loss, or
+    its DDP wrapper), weighted so that the gradients reduced over ranks are the whole batch's."""
+    runtime, weight = parts.runtime, parts.config.objective.reconstruction_weight
+    if not runtime.distributed:
+        return module(batch.to(runtime.device, non_blocking=True), beta=beta, reconstruction_weight=weight)
+    begin, end, scale = local_part(len(batch), runtime)
+    with SharedNoise(LATENT, begin, end, len(batch)):
+        return module(batch[begin:end].to(runtime.device, non_blocking=True), beta=beta,
+                      reconstruction_weight=weight) * scale
+
+
+def _numbers_blew_up(parts: _Parts, batch: torch.Tensor, beta: float) -> bool:
+    """Whether a failed loss failed for its numbers, not its code: a weight is NaN or infinite,
+    or the same loss computed with Pyro's validation off is.
+
+    Only called once a loss has failed, so a healthy step never pays for the second forward
+    pass. That pass draws from a fork of the random stream, calls the loss itself rather
+    than its DDP wrapper (which would wait for the other ranks), and silences the warnings of
+    the NaN it looks for (Pyro warns of a NaN loss).
+    """
+    if not _parameters_finite(parts.vae):
+        return True
+    forked = [parts.runtime.device] if parts.runtime.device.type == "cuda" else []
+    with (torch.no_grad(), pyro.validation_enabled(False), torch.random.fork_rng(devices=forked),
+          warnings.catch_warnings()):
+        warnings.simplefilter("ignore")
+        try:
+            loss = _batch_loss(parts.loss, parts, batch, beta)
+        except Exception:  # it fails without validation too: the code is at fault, whatever the error
+            return False
+    return not math.isfinite(loss.item())
+
+
+def _end_epoch(parts: _Parts, loop: _Loop, lr: float, beta: float, folder: RunFolder, callbacks: CallbackList,
+               monitor: Monitor) -> None:
+    """Score the epoch just trained, show it to the callbacks, and save it."""
+    parts.vae.eval()
+    record = _epoch_record(parts, loop, lr, beta)
+    with folder.guard():  # TensorBoard writes to the run's disk
+        callbacks.observe(parts.vae, record)  # in eval mode, and before the checkpoint (TensorBoard purges past it)
+    parts.vae.train()
+    loop.finish_epoch(record)
+    folder.save_epoch(_state(parts, loop, monitor.snapshots), record)
+    callbacks.epoch_ends(record)
+
+
+def _epoch_record(parts: _Parts, loop: _Loop, lr: float, beta: float) -> dict:
+    """The metrics record of the epoch ``loop`` has just trained: a line of ``metrics.jsonl``."""
+    partial = loop.partial
+    return {
+        "epoch": loop.epoch + 1,
+        "train_loss": partial["loss"] / partial["images"],
+        "val_elbo": _validation_elbo(parts.vae, parts.val_images, parts.runtime),
+        "beta": beta,
+        "lr": lr,
+        "seconds": partial["seconds"],
+        "images_per_second": partial["images"] / partial["seconds"],
+        "peak_memory_mb": peak_memory_mb(),
+    }
+
+
+def _state(parts: _Parts, loop: _Loop, snapshots: dict | None) -> dict:
+    """The checkpoint of the run as it stands: after an epoch, or inside one with the epoch's
+    order and running sums."""
+    inside = loop.step > 0
+    return training_state(
+        config=parts.config.to_dict(), image_shape=parts.image_shape, model=parts.vae.state_dict(),
+        optimizer=parts.optimizer.state_dict(), rng=_rng_state(parts.generator, parts.runtime.device),
+        epoch=loop.epoch, step=loop.step, order=loop.order if inside else None,
+        partial=loop.partial if inside else None, history=loop.history, data=parts.source,
+        plugins=parts.plugins, built=parts.built, snapshots=snapshots,
+    )
+
+
+def _diverged(error: _NonFinite, epoch: int, config: Config, folder: RunFolder) -> TrainingDiverged:
+    """The one-line explanation of a non-finite step, with what was kept and what to change."""
+    return TrainingDiverged(
+        f"training diverged at epoch {epoch + 1}, step {error.index + 1}: {error.problem}; {folder.kept()}. "
+        f"Lower train.lr (now {config.train.lr:g}, e.g. --set train.lr={config.train.lr / 3:.2g}) and train again"
+    )
 
 def check_data(config: Config, splits: Splits, likelihood=None) -> None:
     """Refuse (:class:`~pyro_vae.data.DataError`, one line), before anything trains, training
@@ -369,11 +539,6 @@ def check_data(config: Config, splits: Splits, likelihood=None) -> None:
     accepts = getattr(cls if likelihood is None else likelihood, "accepts", None)
     if accepts is not None:
         check_likelihood_range(splits.train.images, accepts, config.data.binarize, name)
-
-
-def _position(epoch: int, step: int) -> str:
-    """Where a saved state stands, in words: after a whole epoch, or inside one."""
-    return f"epoch {epoch}" if step == 0 else f"step {step} of epoch {epoch + 1}"
 
 
 def _gradient_sum(vae: VAE) -> float:
@@ -389,36 +554,6 @@ def _parameters_finite(vae: VAE) -> bool:
     """Whether every weight is finite (by the same sum as :func:`_gradient_sum`)."""
     sums = [p.sum() for p in vae.parameters()]
     return not sums or math.isfinite(torch.stack(sums).sum().item())
-
-
-def _diverged(problem: str, epoch: int, index: int, config: Config, run_dir: Path | None,
-              saved_at: str | None) -> TrainingDiverged:
-    """The one-line explanation of a non-finite step, with what was kept and what to change."""
-    if run_dir is None:
-        kept = "nothing was saved"
-    elif saved_at is None:
-        kept = f"no checkpoint had been written to {run_dir} yet"
-    else:
-        kept = f"the checkpoint of {saved_at} in {run_dir} is intact"
-    return TrainingDiverged(
-        f"training diverged at epoch {epoch + 1}, step {index + 1}: {problem}; {kept}. "
-        f"Lower train.lr (now {config.train.lr:g}, e.g. --set train.lr={config.train.lr / 3:.2g}) and train again"
-    )
-
-
-@contextlib.contextmanager
-def _disk_space_guard(run_dir: Path, saved_at: str | None):
-    """Turn "no space left" while writing the run into one :class:`DiskFullError` that says
-    which checkpoint survived (the atomic save leaves the previous one whole)."""
-    try:
-        yield
-    except OSError as error:
-        if not is_disk_full(error):
-            raise
-        kept = ("no checkpoint had been written yet" if saved_at is None
-                else f"the checkpoint of {saved_at} is intact: free some space, then continue with "
-                     f"--resume {run_dir}")
-        raise DiskFullError(error.errno, f"the disk holding {run_dir} is full; {kept}") from None
 
 
 def _may_mask(objective) -> bool:
