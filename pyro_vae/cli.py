@@ -7,6 +7,7 @@ User errors (bad config, missing data, unusable checkpoint) print one line and e
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import sys
@@ -18,12 +19,16 @@ from .checkpoint import (CHECKPOINT_NAME, CheckpointError, DiskFullError, RunExi
                          load_run)
 from .config import MAX_SEED, ConfigError, from_dict, load_config, parse_override
 from .components import has_closed_form_kl, load_plugins
-from .data import DATA_ENV, DataError, DataNotFoundError, check_source, load_data, prepare
+# compare's functions are called through the module, where the tests' traps replace them.
+from . import compare
 from .compare import DEFAULT_ESTIMATORS, DEFAULT_TRAINING_ESTIMATORS
+from .data import DATA_ENV, DataError, DataNotFoundError, check_source, load_data, prepare
 from .distributed import (DEVICES, DistributedError, is_communication_error, launched_world_size, resolve_device, setup,
                           teardown)
 from .elbo import evaluate
+from .guides import GUIDES
 from .monitor import TensorBoardMissing, require_tensorboard
+from .priors import PRIORS
 from .train import METRICS_NAME, TrainingDiverged, check_data, fit, resumed_config
 
 # Exit statuses (README, "Command line"): each says what happened without reading stderr.
@@ -339,6 +344,10 @@ def _evaluate(args) -> int:
     return 0
 
 
+# The figures come from .plotting, imported where they are drawn: it imports matplotlib, which is
+# slow to import, and only plot and compare-elbo draw.
+
+
 def _plot(args) -> int:
     from .plotting import make_figures
 
@@ -365,7 +374,7 @@ GIF_FRAMES_PER_SECOND = 4
 
 def _write_training_gif(run_dir: Path) -> None:
     """``training.gif`` from the snapshots in the run's checkpoint, or a one-line note why not."""
-    from matplotlib.animation import PillowWriter
+    from matplotlib.animation import PillowWriter  # matplotlib: slow to import (see _plot)
 
     from .plotting import animate_training
 
@@ -383,8 +392,6 @@ def _write_training_gif(run_dir: Path) -> None:
 
 
 def _write_records(records: list[dict], stem: Path) -> None:
-    import csv
-
     stem.with_suffix(".json").write_text(json.dumps(records, indent=2) + "\n")
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(records[0]))
@@ -431,11 +438,9 @@ def _check_compare_elbo(args, parse_estimator) -> None:
 
 
 def _compare_elbo(args) -> int:
-    from .compare import compare_estimators, parse_estimator, train_side_by_side
-    from .guides import GUIDES
-    from .priors import PRIORS
-    from .plotting import plot_estimator_comparison, plot_learning_curves
+    from .plotting import plot_estimator_comparison, plot_learning_curves  # matplotlib (see _plot)
 
+    parse_estimator = compare.parse_estimator
     _check_compare_elbo(args, parse_estimator)
     if args.train:
         plugins = load_plugins(args.plugin)  # before the config: it may name what they register
@@ -451,7 +456,7 @@ def _compare_elbo(args) -> int:
         splits = _run_data(config, args)
         out = Path(args.out)
         check_data(config, splits)
-        records, histories = train_side_by_side(config, splits, out, args.estimators, args.num_samples,
+        records, histories = compare.train_side_by_side(config, splits, out, args.estimators, args.num_samples,
                                                 progress=not args.quiet, plugins=plugins)
         _write_records(records, out / "training_comparison")
         plot_learning_curves(histories).savefig(out / "training_comparison.png", dpi=110)
@@ -469,7 +474,7 @@ def _compare_elbo(args) -> int:
             raise ConfigError(f"--estimators: nothing left to compare without 'analytic', which {pair} lack")
         print(f"note: {pair} have no closed-form KL; leaving out 'analytic'", file=sys.stderr)
     images = _first(test.images, args.limit, "--limit", config.data.dataset)
-    records = compare_estimators(vae, images, estimators, repeats=args.repeats, grad_samples=args.grad_samples)
+    records = compare.compare_estimators(vae, images, estimators, repeats=args.repeats, grad_samples=args.grad_samples)
     stem = Path(args.run_dir) / "elbo_comparison"
     _write_records(records, stem)
     plot_estimator_comparison(records).savefig(stem.with_suffix(".png"), dpi=110)
