@@ -12,6 +12,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
@@ -85,18 +86,63 @@ def _output_folder(text: str) -> str:
     return text
 
 
+@dataclass(frozen=True)
+class Shorthand:
+    """A flag that stands for one ``--set``: ``--epochs 5`` is ``--set train.epochs=5``.
+
+    :param flag: the flag; its value is ``args.<flag without the dashes, - as _>``.
+    :param key: the config key it sets, ``"section.key"``.
+    :param what: what it does: its help, before ``(shorthand for --set KEY=VALUE)``.
+    :param options: its argparse options (``type``, ``metavar``, ``action``, ...).
+    """
+
+    flag: str
+    key: str
+    what: str
+    options: dict = field(default_factory=dict)
+
+    @property
+    def dest(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    def add_to(self, parser: argparse.ArgumentParser, more: str = "") -> None:
+        """Add the flag to ``parser``, ``more`` at the end of its help."""
+        value = self.options.get("metavar", "true")
+        parser.add_argument(self.flag, help=f"{self.what} (shorthand for --set {self.key}={value}){more}",
+                            **self.options)
+
+
+#: The shorthand flags, declared once: a command's builder adds those it takes, and
+#: :func:`_overrides` reads back each one the command has. Each defaults to None: not given.
+SHORTHANDS = {shorthand.flag: shorthand for shorthand in [
+    Shorthand("--epochs", "train.epochs", "epochs to train", {"type": _integer(0), "metavar": "N"}),
+    Shorthand("--seed", "train.seed", f"seed of the run, 0 to {MAX_SEED}", {"type": _seed, "metavar": "N"}),
+    Shorthand("--likelihood", "model.likelihood", "p(x | z) by name", {"metavar": "NAME"}),
+    Shorthand("--prior", "model.prior", "p(z) by name", {"metavar": "NAME"}),
+    Shorthand("--beta", "objective.beta", "weight of the KL term", {"type": _finite_float, "metavar": "B"}),
+    Shorthand("--train-limit", "data.train_limit", "train on the first N training images only",
+              {"type": _integer(0), "metavar": "N"}),
+    Shorthand("--tensorboard", "train.tensorboard", "write each epoch's scalars and images to RUN_DIR/tensorboard, "
+              "which needs pip install 'pyro-vae[tensorboard]'", {"action": "store_true", "default": None}),
+    Shorthand("--data", "data.dataset", "the data: a torchvision name (mnist, fashion_mnist, ...), a folder of "
+              "images or a .npy/.npz/.pt file", {"metavar": "NAME_OR_PATH"}),
+]}
+
+
 def _add_device(parser):
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="where the model and each batch go (default auto: CUDA if available, else CPU)")
 
 
-def _add_data_options(parser, data_help: str):
+def _add_data_options(parser, data_help: str | None = None):
+    """--data-dir, --plugin and, with ``data_help``, --data (without: the command adds --data as a shorthand)."""
     parser.add_argument(
         "--data-dir", metavar="DIR",
         help=f"folder holding the torchvision datasets, e.g. MNIST/raw/... (default: ${DATA_ENV}, else ./data, where "
              "they are downloaded if missing)",
     )
-    parser.add_argument("--data", metavar="NAME_OR_PATH", help=data_help)
+    if data_help is not None:
+        parser.add_argument("--data", metavar="NAME_OR_PATH", help=data_help)
     parser.add_argument("--plugin", metavar="MODULE_OR_FILE", action="append", default=[],
                         help="import a module (a name or a .py file) that registers likelihoods, priors or networks "
                              "(repeatable); a run records its plugins and loads them again")
@@ -119,22 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", metavar="FILE", help="TOML config (default: the built-in defaults, as in configs/default.toml)")
     train.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[],
                        help="override one config key, e.g. --set model.z_dim=2 (repeatable; values are TOML literals or bare words)")
-    train.add_argument("--epochs", type=_integer(0), metavar="N", help="shorthand for --set train.epochs=N; with --resume, the total to reach")
-    train.add_argument("--seed", type=_seed, metavar="N", help=f"shorthand for --set train.seed=N (0 to {MAX_SEED})")
-    train.add_argument("--likelihood", metavar="NAME", help="shorthand for --set model.likelihood=NAME")
-    train.add_argument("--prior", metavar="NAME", help="shorthand for --set model.prior=NAME")
-    train.add_argument("--beta", type=_finite_float, metavar="B", help="shorthand for --set objective.beta=B")
-    train.add_argument("--train-limit", type=_integer(0), metavar="N", help="train on the first N training images only (shorthand for --set data.train_limit=N)")
+    SHORTHANDS["--epochs"].add_to(train, "; with --resume, the total to reach")
+    for flag in ("--seed", "--likelihood", "--prior", "--beta", "--train-limit", "--tensorboard"):
+        SHORTHANDS[flag].add_to(train)
+    SHORTHANDS["--data"].add_to(train, "; with --resume, where the run's data is now")
     train.add_argument("--out", type=_output_folder, metavar="RUN_DIR", help="run folder to create (default: runs/<config name>)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
-    train.add_argument("--tensorboard", action="store_true", default=None,
-                       help="write each epoch's scalars and images to RUN_DIR/tensorboard (shorthand for --set "
-                            "train.tensorboard=true; needs pip install 'pyro-vae[tensorboard]')")
     _add_device(train)
-    _add_data_options(train, "the data: a torchvision name (mnist, fashion_mnist, ...), a folder of images or a "
-                         ".npy/.npz/.pt file (shorthand for --set data.dataset=...); with --resume, where the run's "
-                         "data is now")
+    _add_data_options(train)
 
     ev = commands.add_parser("evaluate", help="test ELBO and importance-sampled log-likelihood of a run",
                              description="Print the test ELBO and log-likelihood (nats per image) as JSON and save it in the run folder.")
@@ -185,29 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _shorthands(args):
-    return (
-        ("train.epochs", args.epochs), ("train.seed", args.seed), ("data.train_limit", args.train_limit),
-        ("model.likelihood", args.likelihood), ("model.prior", args.prior), ("objective.beta", args.beta),
-        ("data.dataset", args.data), ("train.tensorboard", args.tensorboard),
-    )
-
-
-_SHORTHAND_FLAGS = {"train.epochs": "--epochs", "train.seed": "--seed", "data.train_limit": "--train-limit",
-                    "model.likelihood": "--likelihood", "model.prior": "--prior", "objective.beta": "--beta",
-                    "data.dataset": "--data", "train.tensorboard": "--tensorboard"}
-
-
-def _overrides(args, shorthands=None) -> dict:
+def _overrides(args) -> dict:
     """``--set`` items and the shorthand flags given, as ``{"section.key": value}``.
 
     A key given twice with different values is refused: keeping either one would drop the
     other without a word (and without checking it).
     """
-    overrides, given_by = {}, {}
     items = [(*parse_override(item), f"--set {item}") for item in args.set]
-    items += [(key, value, f"{_SHORTHAND_FLAGS[key]} {value}")
-              for key, value in (_shorthands(args) if shorthands is None else shorthands) if value is not None]
+    # a command has the shorthands its builder added, no others
+    items += [(shorthand.key, value, f"{shorthand.flag} {value}") for shorthand in SHORTHANDS.values()
+              if (value := getattr(args, shorthand.dest, None)) is not None]
+    overrides, given_by = {}, {}
     for key, value, flag in items:
         if key in overrides and overrides[key] != value:
             raise ConfigError(f"{key} is given twice, by {given_by[key]} and by {flag}; give it once")
@@ -236,7 +263,9 @@ def _train(args) -> int:
 def _train_on(runtime, args) -> int:
     checkpoint = None
     if args.resume:
-        if args.config or args.out or any(v is not None for k, v in _shorthands(args) if k not in ("train.epochs", "data.dataset")) or args.set:
+        changed = [s.flag for s in SHORTHANDS.values() if s.flag not in ("--epochs", "--data")
+                   and getattr(args, s.dest) is not None]
+        if args.config or args.out or args.set or changed:
             raise ConfigError("--resume continues a run with its own config; only --epochs, --data, --data-dir and "
                               "--plugin may be given with it")
         run_dir = Path(args.resume)
@@ -444,7 +473,7 @@ def _compare_elbo(args) -> int:
     _check_compare_elbo(args, parse_estimator)
     if args.train:
         plugins = load_plugins(args.plugin)  # before the config: it may name what they register
-        overrides = _overrides(args, [("train.epochs", args.epochs), ("data.dataset", args.data)])
+        overrides = _overrides(args)
         config = load_config(args.config, overrides)
         if args.default_estimators and not has_closed_form_kl(PRIORS[config.model.prior], GUIDES[config.model.guide]):
             args.estimators = [e for e in args.estimators if parse_estimator(e)[0] != "analytic"]
