@@ -129,12 +129,12 @@ SHORTHANDS = {shorthand.flag: shorthand for shorthand in [
 ]}
 
 
-def _add_device(parser):
+def _add_device(parser) -> None:
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="where the model and each batch go (default auto: CUDA if available, else CPU)")
 
 
-def _add_data_options(parser, data_help: str | None = None):
+def _add_data_options(parser, data_help: str | None = None) -> None:
     """--data-dir, --plugin and, with ``data_help``, --data (without: the command adds --data as a shorthand)."""
     parser.add_argument(
         "--data-dir", metavar="DIR",
@@ -153,10 +153,16 @@ _RUN_DATA_HELP = ("where the run's data is now, if its file or folder moved (it 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``pyro-vae`` parser: one subcommand per builder below, in the order ``--help`` lists them."""
     parser = argparse.ArgumentParser(prog="pyro-vae", description="Train and evaluate variational autoencoders with Pyro.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in (_add_train, _add_evaluate, _add_compare_elbo, _add_plot):
+        add_command(commands)
+    return parser
 
+
+def _add_train(commands) -> None:
     train = commands.add_parser(
         "train", help="train a VAE from a config",
         description="Train a VAE; each epoch saves a checkpoint and a metrics line in the run folder. "
@@ -175,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(train)
     _add_data_options(train)
 
+
+def _add_evaluate(commands) -> None:
     ev = commands.add_parser("evaluate", help="test ELBO and importance-sampled log-likelihood of a run",
                              description="Print the test ELBO and log-likelihood (nats per image) as JSON and save it in the run folder.")
     ev.add_argument("run_dir", metavar="RUN_DIR")
@@ -188,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(ev)
     _add_data_options(ev, _RUN_DATA_HELP)
 
+
+def _add_compare_elbo(commands) -> None:
     ce = commands.add_parser(
         "compare-elbo", help="compare ELBO estimators on a run, or train once per estimator",
         description="With RUN_DIR: score each estimator on the run's test images (estimate, its noise across "
@@ -215,13 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(ce, "with --train: the data (shorthand for --set data.dataset=...); with RUN_DIR: "
                       + _RUN_DATA_HELP)
 
-    plot = commands.add_parser("plot", help="write the figures of a run as PNG files", description="Reconstructions, prior samples, latent space, manifold (2-D z), latent traversals (images) and training curves, as PNG files in the run folder, and training.gif (images): one frame per epoch of reconstructions and samples.")
+
+def _add_plot(commands) -> None:
+    plot = commands.add_parser(
+        "plot", help="write the figures of a run as PNG files",
+        description="Reconstructions, prior samples, latent space, manifold (2-D z), latent traversals (images) "
+                    "and training curves, as PNG files in the run folder, and training.gif (images): one frame "
+                    "per epoch of reconstructions and samples.")
     plot.add_argument("run_dir", metavar="RUN_DIR")
     plot.add_argument("--embedding", choices=["pca", "tsne"], default="pca",
                       help="how a latent space of more than 2 dimensions is drawn: pca (default, fast) or tsne "
                            "(t-SNE, needs scikit-learn)")
     _add_data_options(plot, _RUN_DATA_HELP)
-    return parser
 
 
 def _overrides(args) -> dict:
