@@ -105,11 +105,11 @@ class Shorthand:
     def dest(self) -> str:
         return self.flag.removeprefix("--").replace("-", "_")
 
-    def add_to(self, parser: argparse.ArgumentParser, more: str = "") -> None:
-        """Add the flag to ``parser``, ``more`` at the end of its help."""
+    def add_to(self, parser: argparse.ArgumentParser, more: str = "", hidden: bool = False) -> None:
+        """Add the flag to ``parser``, ``more`` at the end of its help; ``hidden``: not in ``--help``."""
         value = self.options.get("metavar", "true")
-        parser.add_argument(self.flag, help=f"{self.what} (shorthand for --set {self.key}={value}){more}",
-                            **self.options)
+        shown = f"{self.what} (shorthand for --set {self.key}={value}){more}"
+        parser.add_argument(self.flag, help=argparse.SUPPRESS if hidden else shown, **self.options)
 
 
 #: The shorthand flags, declared once: a command's builder adds those it takes, and
@@ -148,6 +148,18 @@ def _add_data_options(parser, data_help: str | None = None) -> None:
                              "(repeatable); a run records its plugins and loads them again")
 
 
+def _add_config_options(parser, hidden: bool = False) -> None:
+    """--config and --set; ``hidden``: not in ``--help``, and None unless given (compare-elbo's old form)."""
+    def shown(text: str) -> str:
+        return argparse.SUPPRESS if hidden else text
+
+    parser.add_argument("--config", metavar="FILE",
+                        help=shown("TOML config (default: the built-in defaults, as in configs/default.toml)"))
+    parser.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=None if hidden else [],
+                        help=shown("override one config key, e.g. --set model.z_dim=2 (repeatable; values are TOML "
+                                   "literals or bare words)"))
+
+
 _RUN_DATA_HELP = ("where the run's data is now, if its file or folder moved (it must be the same data: its "
                   "fingerprint is checked)")
 
@@ -157,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyro-vae", description="Train and evaluate variational autoencoders with Pyro.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add_command in (_add_train, _add_evaluate, _add_compare_elbo, _add_plot):
+    for add_command in (_add_train, _add_evaluate, _add_compare_elbo, _add_compare_training, _add_plot):
         add_command(commands)
     return parser
 
@@ -168,9 +180,7 @@ def _add_train(commands) -> None:
         description="Train a VAE; each epoch saves a checkpoint and a metrics line in the run folder. "
                     "Launched by torchrun (torchrun --nproc_per_node=N -m pyro_vae train ...), it trains "
                     "data-parallel on N processes.")
-    train.add_argument("--config", metavar="FILE", help="TOML config (default: the built-in defaults, as in configs/default.toml)")
-    train.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[],
-                       help="override one config key, e.g. --set model.z_dim=2 (repeatable; values are TOML literals or bare words)")
+    _add_config_options(train)
     SHORTHANDS["--epochs"].add_to(train, "; with --resume, the total to reach")
     for flag in ("--seed", "--likelihood", "--prior", "--beta", "--train-limit", "--tensorboard"):
         SHORTHANDS[flag].add_to(train)
@@ -197,33 +207,66 @@ def _add_evaluate(commands) -> None:
     _add_data_options(ev, _RUN_DATA_HELP)
 
 
+def _add_estimators(parser, defaults: tuple[str, ...]) -> None:
+    # None when not given: the training comparison leaves 'analytic' out of its defaults only
+    parser.add_argument("--estimators", nargs="+", metavar="NAME[:K]",
+                        help=f"estimators, with K particles for iwae and iwae_dreg (default: {' '.join(defaults)})")
+
+
+#: compare-elbo's defaults. Its flags default to None, so that its old form (--train) can refuse one given.
+_RUN_COMPARISON_DEFAULTS = {"repeats": 5, "grad_samples": 20, "limit": 0}
+#: compare-training's defaults, also filled in for compare-elbo's old form, whose copies default to None.
+_TRAINING_COMPARISON_DEFAULTS = {"config": None, "set": (), "epochs": None, "out": "runs/compare-elbo",
+                                 "num_samples": 1000}
+
+
 def _add_compare_elbo(commands) -> None:
     ce = commands.add_parser(
-        "compare-elbo", help="compare ELBO estimators on a run, or train once per estimator",
-        description="With RUN_DIR: score each estimator on the run's test images (estimate, its noise across "
-                    "repeats, gradient variance and SNR, time per step). With --train: train one config once per "
-                    "estimator, same epochs and seed, and compare learning curves and test log-likelihoods.")
-    ce.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a trained run (without --train)")
-    ce.add_argument("--estimators", nargs="+", metavar="NAME[:K]", default=None,
-                    help=f"estimators, with K particles for iwae and iwae_dreg (default: {' '.join(DEFAULT_ESTIMATORS)}; "
-                         f"with --train: {' '.join(DEFAULT_TRAINING_ESTIMATORS)})")
-    # Flags of one mode default to None, so that one given in the other mode can be refused.
+        "compare-elbo", help="compare ELBO estimators on a trained run", usage="%(prog)s RUN_DIR [options]",
+        description="Score each estimator on the run's test images: the estimate, its noise across repeats, "
+                    "gradient variance and SNR, time per step. To train one run per estimator and compare those: "
+                    "compare-training.")
+    # RUN_DIR is optional to the parser only: the old form, compare-elbo --train, has none
+    ce.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a trained run")
+    _add_estimators(ce, DEFAULT_ESTIMATORS)
+    defaults = _RUN_COMPARISON_DEFAULTS
     ce.add_argument("--repeats", type=_integer(1), metavar="R",
-                    help=f"with RUN_DIR: passes over the test images per estimator (default {_COMPARE_DEFAULTS['repeats']})")
+                    help=f"passes over the test images per estimator (default {defaults['repeats']})")
     ce.add_argument("--grad-samples", type=_integer(2, why=" (a variance needs two draws)"), metavar="M",
-                    help=f"with RUN_DIR: gradient draws for variance and SNR (default {_COMPARE_DEFAULTS['grad_samples']})")
-    ce.add_argument("--limit", type=_integer(0), metavar="N", help="with RUN_DIR: use the first N test images only (default 0: all)")
-    ce.add_argument("--train", action="store_true", help="train --config once per estimator instead")
-    ce.add_argument("--config", metavar="FILE", help="with --train: the config (default: built-in defaults)")
-    ce.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[], help="with --train: config overrides")
-    ce.add_argument("--epochs", type=_integer(0), metavar="N", help="with --train: epochs of every run")
-    ce.add_argument("--out", type=_output_folder, metavar="DIR",
-                    help=f"with --train: folder of the runs (default {_COMPARE_DEFAULTS['out']})")
-    ce.add_argument("--num-samples", "-k", type=_integer(1), metavar="K",
-                    help=f"with --train: importance samples of the final evaluation (default {_COMPARE_DEFAULTS['num_samples']})")
+                    help=f"gradient draws for variance and SNR (default {defaults['grad_samples']})")
+    ce.add_argument("--limit", type=_integer(0), metavar="N",
+                    help=f"use the first N test images only (default {defaults['limit']}: all)")
     ce.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_data_options(ce, "with --train: the data (shorthand for --set data.dataset=...); with RUN_DIR: "
-                      + _RUN_DATA_HELP)
+    _add_data_options(ce, _RUN_DATA_HELP)
+    # The old form of compare-training, still read, no longer shown; its --data is the one above.
+    ce.add_argument("--train", action="store_true", help=argparse.SUPPRESS)
+    _add_training_comparison_options(ce, hidden=True)
+
+
+def _add_compare_training(commands) -> None:
+    training = commands.add_parser(
+        "compare-training", help="train a config once per estimator and compare the runs",
+        description="Train one config once per estimator, with the same epochs and seed, and compare learning "
+                    "curves and test log-likelihoods. It replaces compare-elbo --train.")
+    _add_estimators(training, DEFAULT_TRAINING_ESTIMATORS)
+    _add_training_comparison_options(training)
+    SHORTHANDS["--data"].add_to(training)
+    training.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_data_options(training)
+
+
+def _add_training_comparison_options(parser, hidden: bool = False) -> None:
+    """compare-training's own options; ``hidden``: compare-elbo's copies for its old form, not in
+    ``--help``, and None unless given, so that one given without --train is refused."""
+    defaults = dict.fromkeys(_TRAINING_COMPARISON_DEFAULTS) if hidden else _TRAINING_COMPARISON_DEFAULTS
+    _add_config_options(parser, hidden)
+    SHORTHANDS["--epochs"].add_to(parser, ", the same for every run", hidden)
+    parser.add_argument("--out", type=_output_folder, metavar="DIR", default=defaults["out"],
+                        help=argparse.SUPPRESS if hidden else
+                        f"folder of the runs, one per estimator (default {_TRAINING_COMPARISON_DEFAULTS['out']})")
+    parser.add_argument("--num-samples", "-k", type=_integer(1), metavar="K", default=defaults["num_samples"],
+                        help=argparse.SUPPRESS if hidden else "importance samples of each run's final evaluation "
+                        f"(default {_TRAINING_COMPARISON_DEFAULTS['num_samples']})")
 
 
 def _add_plot(commands) -> None:
@@ -389,7 +432,7 @@ def _evaluate(args) -> int:
 
 
 # The figures come from .plotting, imported where they are drawn: it imports matplotlib, which is
-# slow to import, and only plot and compare-elbo draw.
+# slow to import, and only plot and the two comparisons draw.
 
 
 def _plot(args) -> int:
@@ -449,74 +492,38 @@ def _print_table(records: list[dict], columns: list[str]) -> None:
         print("  ".join(f"{r[c]:>22.6g}" if isinstance(r[c], float) else f"{str(r[c]):>22}" for c in columns))
 
 
-_COMPARE_DEFAULTS = {"repeats": 5, "grad_samples": 20, "limit": 0, "out": "runs/compare-elbo", "num_samples": 1000}
-# flags that only one mode of compare-elbo reads: attribute -> flag
-_RUN_DIR_ONLY = {"repeats": "--repeats", "grad_samples": "--grad-samples", "limit": "--limit"}
-_TRAIN_ONLY = {"config": "--config", "set": "--set", "epochs": "--epochs", "out": "--out", "num_samples": "--num-samples"}
-
-
-def _check_compare_elbo(args, parse_estimator) -> None:
-    """Refuse a flag the chosen mode would ignore, and repeated or unknown estimators; fill defaults."""
-    if args.train and args.run_dir:
-        raise ConfigError(f"compare-elbo takes RUN_DIR or --train, not both (got RUN_DIR {args.run_dir} and --train)")
-    ignored = _RUN_DIR_ONLY if args.train else _TRAIN_ONLY
-    for name, flag in ignored.items():
-        if getattr(args, name) not in (None, []):
-            mode = "RUN_DIR (without --train)" if args.train else "--train"
-            raise ConfigError(f"compare-elbo {flag} is only used with {mode}")
-    for name, value in _COMPARE_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    args.default_estimators = args.estimators is None  # defaults a run cannot use are left out, with a note
-    if args.estimators is None:
-        args.estimators = list(DEFAULT_TRAINING_ESTIMATORS if args.train else DEFAULT_ESTIMATORS)
+def _checked_estimators(given: list[str] | None, defaults: tuple[str, ...]) -> list[str]:
+    """The estimators given (None: ``defaults``); unknown or repeated ones are refused."""
+    estimators = list(defaults if given is None else given)
     seen = {}
-    for spec in args.estimators:
+    for spec in estimators:
         try:
-            parsed = parse_estimator(spec)
+            parsed = compare.parse_estimator(spec)
         except ValueError as error:
             raise ConfigError(str(error)) from None
         if parsed in seen:
             raise ConfigError(f"--estimators: {spec!r} repeats {seen[parsed]!r}; give each estimator once")
         seen[parsed] = spec
+    return estimators
+
+
+def _without_analytic(estimators: list[str]) -> list[str]:
+    return [spec for spec in estimators if compare.parse_estimator(spec)[0] != "analytic"]
 
 
 def _compare_elbo(args) -> int:
-    from .plotting import plot_estimator_comparison, plot_learning_curves  # matplotlib (see _plot)
+    """``compare-elbo RUN_DIR``: each estimator scored on the run's test images (or the old form)."""
+    from .plotting import plot_estimator_comparison  # matplotlib: slow to import (see _plot)
 
-    parse_estimator = compare.parse_estimator
-    _check_compare_elbo(args, parse_estimator)
     if args.train:
-        plugins = load_plugins(args.plugin)  # before the config: it may name what they register
-        overrides = _overrides(args)
-        config = load_config(args.config, overrides)
-        if args.default_estimators and not has_closed_form_kl(PRIORS[config.model.prior], GUIDES[config.model.guide]):
-            args.estimators = [e for e in args.estimators if parse_estimator(e)[0] != "analytic"]
-            print(f"note: guide {config.model.guide!r} and prior {config.model.prior!r} have no closed-form KL; "
-                  "leaving out 'analytic'", file=sys.stderr)
-        for spec in args.estimators:  # every variant must be a valid config before any trains
-            name, k = parse_estimator(spec)
-            config.replace(**{"objective.elbo": name, "objective.num_particles": k})
-        splits = _run_data(config, args)
-        out = Path(args.out)
-        check_data(config, splits)
-        records, histories = compare.train_side_by_side(config, splits, out, args.estimators, args.num_samples,
-                                                progress=not args.quiet, plugins=plugins)
-        _write_records(records, out / "training_comparison")
-        plot_learning_curves(histories).savefig(out / "training_comparison.png", dpi=110)
-        _print_table(records, ["estimator", "epochs", "test_elbo", "test_log_likelihood", "train_seconds"])
-        return 0
+        return _compare_elbo_old_form(args)
+    _refuse_flags_of_other_form(args, _TRAINING_COMPARISON_DEFAULTS, "--train")
+    _fill_defaults(args, _RUN_COMPARISON_DEFAULTS)
+    estimators = _checked_estimators(args.estimators, DEFAULT_ESTIMATORS)
     if not args.run_dir:
         raise ConfigError("compare-elbo needs RUN_DIR, or --train to train one run per estimator")
     vae, config, test = _trained_and_test(args)
-    estimators = list(args.estimators)
-    if not has_closed_form_kl(vae.prior_net, vae.guide_net) and any(parse_estimator(e)[0] == "analytic"
-                                                                    for e in estimators):
-        estimators = [e for e in estimators if parse_estimator(e)[0] != "analytic"]
-        pair = f"guide {config.model.guide!r} and prior {config.model.prior!r}"
-        if not estimators:
-            raise ConfigError(f"--estimators: nothing left to compare without 'analytic', which {pair} lack")
-        print(f"note: {pair} have no closed-form KL; leaving out 'analytic'", file=sys.stderr)
+    estimators = _usable_on(vae, config, estimators)
     images = _first(test.images, args.limit, "--limit", config.data.dataset)
     records = compare.compare_estimators(vae, images, estimators, repeats=args.repeats, grad_samples=args.grad_samples)
     stem = Path(args.run_dir) / "elbo_comparison"
@@ -527,7 +534,84 @@ def _compare_elbo(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "evaluate": _evaluate, "plot": _plot, "compare-elbo": _compare_elbo}
+def _usable_on(vae, config, estimators: list[str]) -> list[str]:
+    """``estimators`` less 'analytic' where the run's guide and prior have no closed-form KL, with a note."""
+    usable = _without_analytic(estimators)
+    if usable == estimators or has_closed_form_kl(vae.prior_net, vae.guide_net):
+        return estimators
+    pair = f"guide {config.model.guide!r} and prior {config.model.prior!r}"
+    if not usable:
+        raise ConfigError(f"--estimators: nothing left to compare without 'analytic', which {pair} lack")
+    print(f"note: {pair} have no closed-form KL; leaving out 'analytic'", file=sys.stderr)
+    return usable
+
+
+def _compare_training(args) -> int:
+    """``compare-training``: one config trained once per estimator, then the runs compared."""
+    return _run_training_comparison(args, *_training_comparison_inputs(args))
+
+
+#: What ``compare-elbo --train`` says, on stderr, before it runs compare-training.
+OLD_FORM_NOTE = "note: compare-elbo --train is now compare-training (the same flags); running that"
+
+
+def _compare_elbo_old_form(args) -> int:
+    """``compare-elbo --train``: compare-training, as before it split off, with one line that says so."""
+    if args.run_dir:
+        raise ConfigError(f"compare-elbo takes RUN_DIR or --train, not both (got RUN_DIR {args.run_dir} and --train)")
+    _refuse_flags_of_other_form(args, _RUN_COMPARISON_DEFAULTS, "RUN_DIR (without --train)")
+    _fill_defaults(args, _TRAINING_COMPARISON_DEFAULTS)
+    inputs = _training_comparison_inputs(args)
+    # said once the inputs are accepted, so that a refusal is still one line
+    print(OLD_FORM_NOTE, file=sys.stderr)
+    return _run_training_comparison(args, *inputs)
+
+
+def _refuse_flags_of_other_form(args, flags: dict, form: str) -> None:
+    """Refuse a compare-elbo flag (None unless given) that only its other form reads."""
+    for dest in flags:
+        if getattr(args, dest) is not None:
+            raise ConfigError(f"compare-elbo --{dest.replace('_', '-')} is only used with {form}")
+
+
+def _fill_defaults(args, defaults: dict) -> None:
+    for dest, value in defaults.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
+
+
+def _training_comparison_inputs(args):
+    """The config, its data, the estimators and the plugins of a training comparison, each checked
+    (every estimator's variant of the config too) before anything trains."""
+    estimators = _checked_estimators(args.estimators, DEFAULT_TRAINING_ESTIMATORS)
+    plugins = load_plugins(args.plugin)  # before the config: it may name what they register
+    config = load_config(args.config, _overrides(args))
+    if args.estimators is None and not has_closed_form_kl(PRIORS[config.model.prior], GUIDES[config.model.guide]):
+        estimators = _without_analytic(estimators)
+        print(f"note: guide {config.model.guide!r} and prior {config.model.prior!r} have no closed-form KL; "
+              "leaving out 'analytic'", file=sys.stderr)
+    for spec in estimators:  # every variant must be a valid config before any trains
+        name, k = compare.parse_estimator(spec)
+        config.replace(**{"objective.elbo": name, "objective.num_particles": k})
+    splits = _run_data(config, args)
+    check_data(config, splits)
+    return config, splits, estimators, plugins
+
+
+def _run_training_comparison(args, config, splits, estimators: list[str], plugins: list[str]) -> int:
+    from .plotting import plot_learning_curves  # matplotlib: slow to import (see _plot)
+
+    out = Path(args.out)
+    records, histories = compare.train_side_by_side(config, splits, out, estimators, args.num_samples,
+                                                    progress=not args.quiet, plugins=plugins)
+    _write_records(records, out / "training_comparison")
+    plot_learning_curves(histories).savefig(out / "training_comparison.png", dpi=110)
+    _print_table(records, ["estimator", "epochs", "test_elbo", "test_log_likelihood", "train_seconds"])
+    return 0
+
+
+COMMANDS = {"train": _train, "evaluate": _evaluate, "plot": _plot, "compare-elbo": _compare_elbo,
+            "compare-training": _compare_training}
 
 
 def main(argv: list[str] | None = None) -> int:
