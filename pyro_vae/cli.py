@@ -1,5 +1,10 @@
 """``pyro-vae``: a thin command line over config -> data -> fit -> evaluate -> plot.
 
+Commands: ``train``, ``evaluate``, ``plot``, ``compare-elbo RUN_DIR`` (the ELBO estimators on a
+trained run) and ``compare-training`` (one run per estimator). Each is built by one ``_add_...``
+function and run by its handler in :data:`COMMANDS`; the flags that stand for a ``--set`` are
+declared once, in :data:`SHORTHANDS`.
+
 The only module that reads ``sys.argv``, lays out run folders and exits with a status.
 User errors (bad config, missing data, unusable checkpoint) print one line and exit 2.
 """
@@ -16,12 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
+# compare's functions are called through their module, so that a test that replaces one there
+# (tests/test_bad_inputs.py traps compare_estimators and train_side_by_side) replaces it here too.
+from . import compare
 from .checkpoint import (CHECKPOINT_NAME, CheckpointError, DiskFullError, RunExistsError, is_disk_full, load_checkpoint,
                          load_run)
-from .config import MAX_SEED, ConfigError, from_dict, load_config, parse_override
+from .config import MAX_SEED, Config, ConfigError, from_dict, load_config, parse_override
 from .components import has_closed_form_kl, load_plugins
-# compare's functions are called through the module, where the tests' traps replace them.
-from . import compare
 from .compare import DEFAULT_ESTIMATORS, DEFAULT_TRAINING_ESTIMATORS
 from .data import DATA_ENV, DataError, DataNotFoundError, check_source, load_data, prepare
 from .distributed import (DEVICES, DistributedError, is_communication_error, launched_world_size, resolve_device, setup,
@@ -289,7 +295,8 @@ def _overrides(args) -> dict:
     other without a word (and without checking it).
     """
     items = [(*parse_override(item), f"--set {item}") for item in args.set]
-    # a command has the shorthands its builder added, no others
+    # train and compare-training (and compare-elbo --train) call this: each flag of theirs named like
+    # a shorthand is that shorthand. evaluate's --seed is not, and never comes here.
     items += [(shorthand.key, value, f"{shorthand.flag} {value}") for shorthand in SHORTHANDS.values()
               if (value := getattr(args, shorthand.dest, None)) is not None]
     overrides, given_by = {}, {}
@@ -319,35 +326,59 @@ def _train(args) -> int:
 
 
 def _train_on(runtime, args) -> int:
-    checkpoint = None
-    if args.resume:
-        changed = [s.flag for s in SHORTHANDS.values() if s.flag not in ("--epochs", "--data")
-                   and getattr(args, s.dest) is not None]
-        if args.config or args.out or args.set or changed:
-            raise ConfigError("--resume continues a run with its own config; only --epochs, --data, --data-dir and "
-                              "--plugin may be given with it")
-        run_dir = Path(args.resume)
-        checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME)
-        plugins = _load_run_plugins(checkpoint, args)
-        config = from_dict(checkpoint["config"])
-        if args.epochs is not None:
-            if args.epochs <= checkpoint["epoch"]:
-                raise ConfigError(f"--epochs {args.epochs}: {run_dir} has already trained {checkpoint['epoch']} epochs; "
-                                  "give a larger total")
-            config = resumed_config(config, args.epochs)
-    else:
-        plugins = load_plugins(args.plugin)  # before the config: it may name what they register
-        config = load_config(args.config, _overrides(args))
-        run_dir = Path(args.out) if args.out else Path("runs") / (Path(args.config).stem if args.config else "default")
-        if (run_dir / CHECKPOINT_NAME).exists():
-            raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+    run_dir, config, checkpoint, plugins = _resumed_run(args) if args.resume else _new_run(args)
     if config.train.tensorboard:
         require_tensorboard()  # one line before the data is read, not after
     splits = _run_data(config, args, checkpoint)
     check_data(config, splits)  # a mismatch is one line before a model is even built
+    result = _fit_or_lost_contact(runtime, args, config, splits, run_dir, checkpoint, plugins)
+    if not runtime.is_main:
+        return 0 if result.completed else EXIT_INTERRUPTED
+    if not result.completed:
+        launcher = "torchrun --nproc_per_node=N -m pyro_vae" if runtime.distributed else "pyro-vae"
+        print(f"stopped; the state is saved. Continue with: {launcher} train --resume {run_dir}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    last = result.history[-1] if result.history else {}
+    print(json.dumps({"run_dir": str(run_dir), **last}))
+    return 0
+
+
+def _new_run(args) -> tuple[Path, Config, None, list[str]]:
+    """``train`` without --resume: the run folder, the config, no checkpoint, the plugins."""
+    plugins = load_plugins(args.plugin)  # before the config: it may name what they register
+    config = load_config(args.config, _overrides(args))
+    run_dir = Path(args.out) if args.out else Path("runs") / (Path(args.config).stem if args.config else "default")
+    if (run_dir / CHECKPOINT_NAME).exists():
+        raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+    return run_dir, config, None, plugins
+
+
+def _resumed_run(args) -> tuple[Path, Config, dict, list[str]]:
+    """``train --resume RUN_DIR``: the run folder, its config (with --epochs: the new total), its
+    checkpoint, its plugins. The run keeps its config: a flag that would change it is refused."""
+    changed = [s.flag for s in SHORTHANDS.values() if s.flag not in ("--epochs", "--data")
+               and getattr(args, s.dest) is not None]
+    if args.config or args.out or args.set or changed:
+        raise ConfigError("--resume continues a run with its own config; only --epochs, --data, --data-dir and "
+                          "--plugin may be given with it")
+    run_dir = Path(args.resume)
+    checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    plugins = _load_run_plugins(checkpoint, args)
+    config = from_dict(checkpoint["config"])
+    if args.epochs is not None:
+        if args.epochs <= checkpoint["epoch"]:
+            raise ConfigError(f"--epochs {args.epochs}: {run_dir} has already trained {checkpoint['epoch']} epochs; "
+                              "give a larger total")
+        config = resumed_config(config, args.epochs)
+    return run_dir, config, checkpoint, plugins
+
+
+def _fit_or_lost_contact(runtime, args, config, splits, run_dir: Path, checkpoint, plugins):
+    """:func:`~pyro_vae.train.fit`; where another process of a torchrun group is gone, one
+    :class:`DistributedError` that says so (and whether a checkpoint is there to resume)."""
     try:
-        result = fit(config, splits, run_dir, checkpoint=checkpoint, progress=not args.quiet, device=runtime.device,
-                     plugins=plugins)
+        return fit(config, splits, run_dir, checkpoint=checkpoint, progress=not args.quiet, device=runtime.device,
+                   plugins=plugins)
     except RuntimeError as error:
         if not (runtime.distributed and is_communication_error(error)):
             raise
@@ -359,15 +390,6 @@ def _train_on(runtime, args) -> int:
         raise DistributedError(
             f"rank {runtime.rank} of {runtime.world_size} lost contact with the other processes ({reason}); {saved}"
         ) from None
-    if not runtime.is_main:
-        return 0 if result.completed else EXIT_INTERRUPTED
-    if not result.completed:
-        launcher = "torchrun --nproc_per_node=N -m pyro_vae" if runtime.distributed else "pyro-vae"
-        print(f"stopped; the state is saved. Continue with: {launcher} train --resume {run_dir}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    last = result.history[-1] if result.history else {}
-    print(json.dumps({"run_dir": str(run_dir), **last}))
-    return 0
 
 
 def _load_run_plugins(checkpoint: dict, args) -> list[str]:
@@ -414,21 +436,26 @@ def _evaluate(args) -> int:
     compiled = {"auto": None, "on": True, "off": False}[args.compile]
     result = evaluate(vae, images, num_samples=args.num_samples, progress=not args.quiet, seed=args.seed,
                       compiled=compiled)
+    result.update(_evaluated_how(config, args, seconds=time.perf_counter() - started))
+    path = Path(args.run_dir) / f"evaluation_k{args.num_samples}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return 0
+
+
+def _evaluated_how(config, args, seconds: float) -> dict:
+    """What an evaluation's numbers depend on, saved beside them: the data, the model, the seed."""
     protocol = "grey values" if config.data.binarize == "none" else f"test images binarized once with seed 0 (training: {config.data.binarize} binarization)"
-    result.update({
+    return {
         "dataset": config.data.dataset,
         "likelihood": config.model.likelihood,
         "likelihood_options": config.model.likelihood_options,
         "prior": config.model.prior,
         "data_protocol": protocol,
-        "seconds": time.perf_counter() - started,
+        "seconds": seconds,
         "seed": args.seed,
         "compile": args.compile,
-    })
-    path = Path(args.run_dir) / f"evaluation_k{args.num_samples}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
-    return 0
+    }
 
 
 # The figures come from .plotting, imported where they are drawn: it imports matplotlib, which is
