@@ -1,5 +1,10 @@
 """``pyro-vae``: a thin command line over config -> data -> fit -> evaluate -> plot.
 
+Commands: ``train``, ``evaluate``, ``plot``, ``compare-elbo RUN_DIR`` (the ELBO estimators on a
+trained run) and ``compare-training`` (one run per estimator). Each is built by one ``_add_...``
+function and run by its handler in :data:`COMMANDS`; the flags that stand for a ``--set`` are
+declared once, in :data:`SHORTHANDS`.
+
 The only module that reads ``sys.argv``, lays out run folders and exits with a status.
 User errors (bad config, missing data, unusable checkpoint) print one line and exit 2.
 """
@@ -7,23 +12,30 @@ User errors (bad config, missing data, unusable checkpoint) print one line and e
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
+# compare's functions are called through their module, so that a test that replaces one there
+# (tests/test_bad_inputs.py traps compare_estimators and train_side_by_side) replaces it here too.
+from . import compare
 from .checkpoint import (CHECKPOINT_NAME, CheckpointError, DiskFullError, RunExistsError, is_disk_full, load_checkpoint,
                          load_run)
-from .config import MAX_SEED, ConfigError, from_dict, load_config, parse_override
+from .config import MAX_SEED, Config, ConfigError, from_dict, load_config, parse_override
 from .components import has_closed_form_kl, load_plugins
-from .data import DATA_ENV, DataError, DataNotFoundError, check_source, load_data, prepare
 from .compare import DEFAULT_ESTIMATORS, DEFAULT_TRAINING_ESTIMATORS
+from .data import DATA_ENV, DataError, DataNotFoundError, check_source, load_data, prepare
 from .distributed import (DEVICES, DistributedError, is_communication_error, launched_world_size, resolve_device, setup,
                           teardown)
 from .elbo import evaluate
+from .guides import GUIDES
 from .monitor import TensorBoardMissing, require_tensorboard
+from .priors import PRIORS
 from .train import METRICS_NAME, TrainingDiverged, check_data, fit, resumed_config
 
 # Exit statuses (README, "Command line"): each says what happened without reading stderr.
@@ -80,21 +92,78 @@ def _output_folder(text: str) -> str:
     return text
 
 
-def _add_device(parser):
+@dataclass(frozen=True)
+class Shorthand:
+    """A flag that stands for one ``--set``: ``--epochs 5`` is ``--set train.epochs=5``.
+
+    :param flag: the flag; its value is ``args.<flag without the dashes, - as _>``.
+    :param key: the config key it sets, ``"section.key"``.
+    :param what: what it does: its help, before ``(shorthand for --set KEY=VALUE)``.
+    :param options: its argparse options (``type``, ``metavar``, ``action``, ...).
+    """
+
+    flag: str
+    key: str
+    what: str
+    options: dict = field(default_factory=dict)
+
+    @property
+    def dest(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    def add_to(self, parser: argparse.ArgumentParser, more: str = "", hidden: bool = False) -> None:
+        """Add the flag to ``parser``, ``more`` at the end of its help; ``hidden``: not in ``--help``."""
+        value = self.options.get("metavar", "true")
+        shown = f"{self.what} (shorthand for --set {self.key}={value}){more}"
+        parser.add_argument(self.flag, help=argparse.SUPPRESS if hidden else shown, **self.options)
+
+
+#: The shorthand flags, declared once: a command's builder adds those it takes, and
+#: :func:`_overrides` reads back each one the command has. Each defaults to None: not given.
+SHORTHANDS = {shorthand.flag: shorthand for shorthand in [
+    Shorthand("--epochs", "train.epochs", "epochs to train", {"type": _integer(0), "metavar": "N"}),
+    Shorthand("--seed", "train.seed", f"seed of the run, 0 to {MAX_SEED}", {"type": _seed, "metavar": "N"}),
+    Shorthand("--likelihood", "model.likelihood", "p(x | z) by name", {"metavar": "NAME"}),
+    Shorthand("--prior", "model.prior", "p(z) by name", {"metavar": "NAME"}),
+    Shorthand("--beta", "objective.beta", "weight of the KL term", {"type": _finite_float, "metavar": "B"}),
+    Shorthand("--train-limit", "data.train_limit", "train on the first N training images only",
+              {"type": _integer(0), "metavar": "N"}),
+    Shorthand("--tensorboard", "train.tensorboard", "write each epoch's scalars and images to RUN_DIR/tensorboard, "
+              "which needs pip install 'pyro-vae[tensorboard]'", {"action": "store_true", "default": None}),
+    Shorthand("--data", "data.dataset", "the data: a torchvision name (mnist, fashion_mnist, ...), a folder of "
+              "images or a .npy/.npz/.pt file", {"metavar": "NAME_OR_PATH"}),
+]}
+
+
+def _add_device(parser) -> None:
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="where the model and each batch go (default auto: CUDA if available, else CPU)")
 
 
-def _add_data_options(parser, data_help: str):
+def _add_data_options(parser, data_help: str | None = None) -> None:
+    """--data-dir, --plugin and, with ``data_help``, --data (without: the command adds --data as a shorthand)."""
     parser.add_argument(
         "--data-dir", metavar="DIR",
         help=f"folder holding the torchvision datasets, e.g. MNIST/raw/... (default: ${DATA_ENV}, else ./data, where "
              "they are downloaded if missing)",
     )
-    parser.add_argument("--data", metavar="NAME_OR_PATH", help=data_help)
+    if data_help is not None:
+        parser.add_argument("--data", metavar="NAME_OR_PATH", help=data_help)
     parser.add_argument("--plugin", metavar="MODULE_OR_FILE", action="append", default=[],
                         help="import a module (a name or a .py file) that registers likelihoods, priors or networks "
                              "(repeatable); a run records its plugins and loads them again")
+
+
+def _add_config_options(parser, hidden: bool = False) -> None:
+    """--config and --set; ``hidden``: not in ``--help``, and None unless given (compare-elbo's old form)."""
+    def shown(text: str) -> str:
+        return argparse.SUPPRESS if hidden else text
+
+    parser.add_argument("--config", metavar="FILE",
+                        help=shown("TOML config (default: the built-in defaults, as in configs/default.toml)"))
+    parser.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=None if hidden else [],
+                        help=shown("override one config key, e.g. --set model.z_dim=2 (repeatable; values are TOML "
+                                   "literals or bare words)"))
 
 
 _RUN_DATA_HELP = ("where the run's data is now, if its file or folder moved (it must be the same data: its "
@@ -102,35 +171,34 @@ _RUN_DATA_HELP = ("where the run's data is now, if its file or folder moved (it 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``pyro-vae`` parser: one subcommand per builder below, in the order ``--help`` lists them."""
     parser = argparse.ArgumentParser(prog="pyro-vae", description="Train and evaluate variational autoencoders with Pyro.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in (_add_train, _add_evaluate, _add_compare_elbo, _add_compare_training, _add_plot):
+        add_command(commands)
+    return parser
 
+
+def _add_train(commands) -> None:
     train = commands.add_parser(
         "train", help="train a VAE from a config",
         description="Train a VAE; each epoch saves a checkpoint and a metrics line in the run folder. "
                     "Launched by torchrun (torchrun --nproc_per_node=N -m pyro_vae train ...), it trains "
                     "data-parallel on N processes.")
-    train.add_argument("--config", metavar="FILE", help="TOML config (default: the built-in defaults, as in configs/default.toml)")
-    train.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[],
-                       help="override one config key, e.g. --set model.z_dim=2 (repeatable; values are TOML literals or bare words)")
-    train.add_argument("--epochs", type=_integer(0), metavar="N", help="shorthand for --set train.epochs=N; with --resume, the total to reach")
-    train.add_argument("--seed", type=_seed, metavar="N", help=f"shorthand for --set train.seed=N (0 to {MAX_SEED})")
-    train.add_argument("--likelihood", metavar="NAME", help="shorthand for --set model.likelihood=NAME")
-    train.add_argument("--prior", metavar="NAME", help="shorthand for --set model.prior=NAME")
-    train.add_argument("--beta", type=_finite_float, metavar="B", help="shorthand for --set objective.beta=B")
-    train.add_argument("--train-limit", type=_integer(0), metavar="N", help="train on the first N training images only (shorthand for --set data.train_limit=N)")
+    _add_config_options(train)
+    SHORTHANDS["--epochs"].add_to(train, "; with --resume, the total to reach")
+    for flag in ("--seed", "--likelihood", "--prior", "--beta", "--train-limit", "--tensorboard"):
+        SHORTHANDS[flag].add_to(train)
+    SHORTHANDS["--data"].add_to(train, "; with --resume, where the run's data is now")
     train.add_argument("--out", type=_output_folder, metavar="RUN_DIR", help="run folder to create (default: runs/<config name>)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
-    train.add_argument("--tensorboard", action="store_true", default=None,
-                       help="write each epoch's scalars and images to RUN_DIR/tensorboard (shorthand for --set "
-                            "train.tensorboard=true; needs pip install 'pyro-vae[tensorboard]')")
     _add_device(train)
-    _add_data_options(train, "the data: a torchvision name (mnist, fashion_mnist, ...), a folder of images or a "
-                         ".npy/.npz/.pt file (shorthand for --set data.dataset=...); with --resume, where the run's "
-                         "data is now")
+    _add_data_options(train)
 
+
+def _add_evaluate(commands) -> None:
     ev = commands.add_parser("evaluate", help="test ELBO and importance-sampled log-likelihood of a run",
                              description="Print the test ELBO and log-likelihood (nats per image) as JSON and save it in the run folder.")
     ev.add_argument("run_dir", metavar="RUN_DIR")
@@ -144,65 +212,94 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(ev)
     _add_data_options(ev, _RUN_DATA_HELP)
 
-    ce = commands.add_parser(
-        "compare-elbo", help="compare ELBO estimators on a run, or train once per estimator",
-        description="With RUN_DIR: score each estimator on the run's test images (estimate, its noise across "
-                    "repeats, gradient variance and SNR, time per step). With --train: train one config once per "
-                    "estimator, same epochs and seed, and compare learning curves and test log-likelihoods.")
-    ce.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a trained run (without --train)")
-    ce.add_argument("--estimators", nargs="+", metavar="NAME[:K]", default=None,
-                    help=f"estimators, with K particles for iwae and iwae_dreg (default: {' '.join(DEFAULT_ESTIMATORS)}; "
-                         f"with --train: {' '.join(DEFAULT_TRAINING_ESTIMATORS)})")
-    # Flags of one mode default to None, so that one given in the other mode can be refused.
-    ce.add_argument("--repeats", type=_integer(1), metavar="R",
-                    help=f"with RUN_DIR: passes over the test images per estimator (default {_COMPARE_DEFAULTS['repeats']})")
-    ce.add_argument("--grad-samples", type=_integer(2, why=" (a variance needs two draws)"), metavar="M",
-                    help=f"with RUN_DIR: gradient draws for variance and SNR (default {_COMPARE_DEFAULTS['grad_samples']})")
-    ce.add_argument("--limit", type=_integer(0), metavar="N", help="with RUN_DIR: use the first N test images only (default 0: all)")
-    ce.add_argument("--train", action="store_true", help="train --config once per estimator instead")
-    ce.add_argument("--config", metavar="FILE", help="with --train: the config (default: built-in defaults)")
-    ce.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[], help="with --train: config overrides")
-    ce.add_argument("--epochs", type=_integer(0), metavar="N", help="with --train: epochs of every run")
-    ce.add_argument("--out", type=_output_folder, metavar="DIR",
-                    help=f"with --train: folder of the runs (default {_COMPARE_DEFAULTS['out']})")
-    ce.add_argument("--num-samples", "-k", type=_integer(1), metavar="K",
-                    help=f"with --train: importance samples of the final evaluation (default {_COMPARE_DEFAULTS['num_samples']})")
-    ce.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_data_options(ce, "with --train: the data (shorthand for --set data.dataset=...); with RUN_DIR: "
-                      + _RUN_DATA_HELP)
 
-    plot = commands.add_parser("plot", help="write the figures of a run as PNG files", description="Reconstructions, prior samples, latent space, manifold (2-D z), latent traversals (images) and training curves, as PNG files in the run folder, and training.gif (images): one frame per epoch of reconstructions and samples.")
+def _add_estimators(parser, defaults: tuple[str, ...]) -> None:
+    # None when not given: the training comparison leaves 'analytic' out of its defaults only
+    parser.add_argument("--estimators", nargs="+", metavar="NAME[:K]",
+                        help=f"estimators, with K particles for iwae and iwae_dreg (default: {' '.join(defaults)})")
+
+
+#: compare-elbo's defaults. Its flags default to None, so that its old form (--train) can refuse one given.
+_RUN_COMPARISON_DEFAULTS = {"repeats": 5, "grad_samples": 20, "limit": 0}
+#: compare-training's defaults, also filled in for compare-elbo's old form, whose copies default to None.
+_TRAINING_COMPARISON_DEFAULTS = {"config": None, "set": (), "epochs": None, "out": "runs/compare-elbo",
+                                 "num_samples": 1000}
+
+
+def _add_compare_elbo(commands) -> None:
+    ce = commands.add_parser(
+        "compare-elbo", help="compare ELBO estimators on a trained run", usage="%(prog)s RUN_DIR [options]",
+        description="Score each estimator on the run's test images: the estimate, its noise across repeats, "
+                    "gradient variance and SNR, time per step. To train one run per estimator and compare those: "
+                    "compare-training.")
+    # RUN_DIR is optional to the parser only: the old form, compare-elbo --train, has none
+    ce.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a trained run")
+    _add_estimators(ce, DEFAULT_ESTIMATORS)
+    defaults = _RUN_COMPARISON_DEFAULTS
+    ce.add_argument("--repeats", type=_integer(1), metavar="R",
+                    help=f"passes over the test images per estimator (default {defaults['repeats']})")
+    ce.add_argument("--grad-samples", type=_integer(2, why=" (a variance needs two draws)"), metavar="M",
+                    help=f"gradient draws for variance and SNR (default {defaults['grad_samples']})")
+    ce.add_argument("--limit", type=_integer(0), metavar="N",
+                    help=f"use the first N test images only (default {defaults['limit']}: all)")
+    ce.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_data_options(ce, _RUN_DATA_HELP)
+    # The old form of compare-training, still read, no longer shown; its --data is the one above.
+    ce.add_argument("--train", action="store_true", help=argparse.SUPPRESS)
+    _add_training_comparison_options(ce, hidden=True)
+
+
+def _add_compare_training(commands) -> None:
+    training = commands.add_parser(
+        "compare-training", help="train a config once per estimator and compare the runs",
+        description="Train one config once per estimator, with the same epochs and seed, and compare learning "
+                    "curves and test log-likelihoods. It replaces compare-elbo --train.")
+    _add_estimators(training, DEFAULT_TRAINING_ESTIMATORS)
+    _add_training_comparison_options(training)
+    SHORTHANDS["--data"].add_to(training)
+    training.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_data_options(training)
+
+
+def _add_training_comparison_options(parser, hidden: bool = False) -> None:
+    """compare-training's own options; ``hidden``: compare-elbo's copies for its old form, not in
+    ``--help``, and None unless given, so that one given without --train is refused."""
+    defaults = dict.fromkeys(_TRAINING_COMPARISON_DEFAULTS) if hidden else _TRAINING_COMPARISON_DEFAULTS
+    _add_config_options(parser, hidden)
+    SHORTHANDS["--epochs"].add_to(parser, ", the same for every run", hidden)
+    parser.add_argument("--out", type=_output_folder, metavar="DIR", default=defaults["out"],
+                        help=argparse.SUPPRESS if hidden else
+                        f"folder of the runs, one per estimator (default {_TRAINING_COMPARISON_DEFAULTS['out']})")
+    parser.add_argument("--num-samples", "-k", type=_integer(1), metavar="K", default=defaults["num_samples"],
+                        help=argparse.SUPPRESS if hidden else "importance samples of each run's final evaluation "
+                        f"(default {_TRAINING_COMPARISON_DEFAULTS['num_samples']})")
+
+
+def _add_plot(commands) -> None:
+    plot = commands.add_parser(
+        "plot", help="write the figures of a run as PNG files",
+        description="Reconstructions, prior samples, latent space, manifold (2-D z), latent traversals (images) "
+                    "and training curves, as PNG files in the run folder, and training.gif (images): one frame "
+                    "per epoch of reconstructions and samples.")
     plot.add_argument("run_dir", metavar="RUN_DIR")
     plot.add_argument("--embedding", choices=["pca", "tsne"], default="pca",
                       help="how a latent space of more than 2 dimensions is drawn: pca (default, fast) or tsne "
                            "(t-SNE, needs scikit-learn)")
     _add_data_options(plot, _RUN_DATA_HELP)
-    return parser
 
 
-def _shorthands(args):
-    return (
-        ("train.epochs", args.epochs), ("train.seed", args.seed), ("data.train_limit", args.train_limit),
-        ("model.likelihood", args.likelihood), ("model.prior", args.prior), ("objective.beta", args.beta),
-        ("data.dataset", args.data), ("train.tensorboard", args.tensorboard),
-    )
-
-
-_SHORTHAND_FLAGS = {"train.epochs": "--epochs", "train.seed": "--seed", "data.train_limit": "--train-limit",
-                    "model.likelihood": "--likelihood", "model.prior": "--prior", "objective.beta": "--beta",
-                    "data.dataset": "--data", "train.tensorboard": "--tensorboard"}
-
-
-def _overrides(args, shorthands=None) -> dict:
+def _overrides(args) -> dict:
     """``--set`` items and the shorthand flags given, as ``{"section.key": value}``.
 
     A key given twice with different values is refused: keeping either one would drop the
     other without a word (and without checking it).
     """
-    overrides, given_by = {}, {}
     items = [(*parse_override(item), f"--set {item}") for item in args.set]
-    items += [(key, value, f"{_SHORTHAND_FLAGS[key]} {value}")
-              for key, value in (_shorthands(args) if shorthands is None else shorthands) if value is not None]
+    # train and compare-training (and compare-elbo --train) call this: each flag of theirs named like
+    # a shorthand is that shorthand. evaluate's --seed is not, and never comes here.
+    items += [(shorthand.key, value, f"{shorthand.flag} {value}") for shorthand in SHORTHANDS.values()
+              if (value := getattr(args, shorthand.dest, None)) is not None]
+    overrides, given_by = {}, {}
     for key, value, flag in items:
         if key in overrides and overrides[key] != value:
             raise ConfigError(f"{key} is given twice, by {given_by[key]} and by {flag}; give it once")
@@ -229,33 +326,59 @@ def _train(args) -> int:
 
 
 def _train_on(runtime, args) -> int:
-    checkpoint = None
-    if args.resume:
-        if args.config or args.out or any(v is not None for k, v in _shorthands(args) if k not in ("train.epochs", "data.dataset")) or args.set:
-            raise ConfigError("--resume continues a run with its own config; only --epochs, --data, --data-dir and "
-                              "--plugin may be given with it")
-        run_dir = Path(args.resume)
-        checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME)
-        plugins = _load_run_plugins(checkpoint, args)
-        config = from_dict(checkpoint["config"])
-        if args.epochs is not None:
-            if args.epochs <= checkpoint["epoch"]:
-                raise ConfigError(f"--epochs {args.epochs}: {run_dir} has already trained {checkpoint['epoch']} epochs; "
-                                  "give a larger total")
-            config = resumed_config(config, args.epochs)
-    else:
-        plugins = load_plugins(args.plugin)  # before the config: it may name what they register
-        config = load_config(args.config, _overrides(args))
-        run_dir = Path(args.out) if args.out else Path("runs") / (Path(args.config).stem if args.config else "default")
-        if (run_dir / CHECKPOINT_NAME).exists():
-            raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+    run_dir, config, checkpoint, plugins = _resumed_run(args) if args.resume else _new_run(args)
     if config.train.tensorboard:
         require_tensorboard()  # one line before the data is read, not after
     splits = _run_data(config, args, checkpoint)
     check_data(config, splits)  # a mismatch is one line before a model is even built
+    result = _fit_or_lost_contact(runtime, args, config, splits, run_dir, checkpoint, plugins)
+    if not runtime.is_main:
+        return 0 if result.completed else EXIT_INTERRUPTED
+    if not result.completed:
+        launcher = "torchrun --nproc_per_node=N -m pyro_vae" if runtime.distributed else "pyro-vae"
+        print(f"stopped; the state is saved. Continue with: {launcher} train --resume {run_dir}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    last = result.history[-1] if result.history else {}
+    print(json.dumps({"run_dir": str(run_dir), **last}))
+    return 0
+
+
+def _new_run(args) -> tuple[Path, Config, None, list[str]]:
+    """``train`` without --resume: the run folder, the config, no checkpoint, the plugins."""
+    plugins = load_plugins(args.plugin)  # before the config: it may name what they register
+    config = load_config(args.config, _overrides(args))
+    run_dir = Path(args.out) if args.out else Path("runs") / (Path(args.config).stem if args.config else "default")
+    if (run_dir / CHECKPOINT_NAME).exists():
+        raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+    return run_dir, config, None, plugins
+
+
+def _resumed_run(args) -> tuple[Path, Config, dict, list[str]]:
+    """``train --resume RUN_DIR``: the run folder, its config (with --epochs: the new total), its
+    checkpoint, its plugins. The run keeps its config: a flag that would change it is refused."""
+    changed = [s.flag for s in SHORTHANDS.values() if s.flag not in ("--epochs", "--data")
+               and getattr(args, s.dest) is not None]
+    if args.config or args.out or args.set or changed:
+        raise ConfigError("--resume continues a run with its own config; only --epochs, --data, --data-dir and "
+                          "--plugin may be given with it")
+    run_dir = Path(args.resume)
+    checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    plugins = _load_run_plugins(checkpoint, args)
+    config = from_dict(checkpoint["config"])
+    if args.epochs is not None:
+        if args.epochs <= checkpoint["epoch"]:
+            raise ConfigError(f"--epochs {args.epochs}: {run_dir} has already trained {checkpoint['epoch']} epochs; "
+                              "give a larger total")
+        config = resumed_config(config, args.epochs)
+    return run_dir, config, checkpoint, plugins
+
+
+def _fit_or_lost_contact(runtime, args, config, splits, run_dir: Path, checkpoint, plugins):
+    """:func:`~pyro_vae.train.fit`; where another process of a torchrun group is gone, one
+    :class:`DistributedError` that says so (and whether a checkpoint is there to resume)."""
     try:
-        result = fit(config, splits, run_dir, checkpoint=checkpoint, progress=not args.quiet, device=runtime.device,
-                     plugins=plugins)
+        return fit(config, splits, run_dir, checkpoint=checkpoint, progress=not args.quiet, device=runtime.device,
+                   plugins=plugins)
     except RuntimeError as error:
         if not (runtime.distributed and is_communication_error(error)):
             raise
@@ -267,15 +390,6 @@ def _train_on(runtime, args) -> int:
         raise DistributedError(
             f"rank {runtime.rank} of {runtime.world_size} lost contact with the other processes ({reason}); {saved}"
         ) from None
-    if not runtime.is_main:
-        return 0 if result.completed else EXIT_INTERRUPTED
-    if not result.completed:
-        launcher = "torchrun --nproc_per_node=N -m pyro_vae" if runtime.distributed else "pyro-vae"
-        print(f"stopped; the state is saved. Continue with: {launcher} train --resume {run_dir}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    last = result.history[-1] if result.history else {}
-    print(json.dumps({"run_dir": str(run_dir), **last}))
-    return 0
 
 
 def _load_run_plugins(checkpoint: dict, args) -> list[str]:
@@ -322,21 +436,30 @@ def _evaluate(args) -> int:
     compiled = {"auto": None, "on": True, "off": False}[args.compile]
     result = evaluate(vae, images, num_samples=args.num_samples, progress=not args.quiet, seed=args.seed,
                       compiled=compiled)
+    result.update(_evaluated_how(config, args, seconds=time.perf_counter() - started))
+    path = Path(args.run_dir) / f"evaluation_k{args.num_samples}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return 0
+
+
+def _evaluated_how(config, args, seconds: float) -> dict:
+    """What an evaluation's numbers depend on, saved beside them: the data, the model, the seed."""
     protocol = "grey values" if config.data.binarize == "none" else f"test images binarized once with seed 0 (training: {config.data.binarize} binarization)"
-    result.update({
+    return {
         "dataset": config.data.dataset,
         "likelihood": config.model.likelihood,
         "likelihood_options": config.model.likelihood_options,
         "prior": config.model.prior,
         "data_protocol": protocol,
-        "seconds": time.perf_counter() - started,
+        "seconds": seconds,
         "seed": args.seed,
         "compile": args.compile,
-    })
-    path = Path(args.run_dir) / f"evaluation_k{args.num_samples}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
-    return 0
+    }
+
+
+# The figures come from .plotting, imported where they are drawn: it imports matplotlib, which is
+# slow to import, and only plot and the two comparisons draw.
 
 
 def _plot(args) -> int:
@@ -365,7 +488,7 @@ GIF_FRAMES_PER_SECOND = 4
 
 def _write_training_gif(run_dir: Path) -> None:
     """``training.gif`` from the snapshots in the run's checkpoint, or a one-line note why not."""
-    from matplotlib.animation import PillowWriter
+    from matplotlib.animation import PillowWriter  # matplotlib: slow to import (see _plot)
 
     from .plotting import animate_training
 
@@ -383,8 +506,6 @@ def _write_training_gif(run_dir: Path) -> None:
 
 
 def _write_records(records: list[dict], stem: Path) -> None:
-    import csv
-
     stem.with_suffix(".json").write_text(json.dumps(records, indent=2) + "\n")
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(records[0]))
@@ -398,78 +519,40 @@ def _print_table(records: list[dict], columns: list[str]) -> None:
         print("  ".join(f"{r[c]:>22.6g}" if isinstance(r[c], float) else f"{str(r[c]):>22}" for c in columns))
 
 
-_COMPARE_DEFAULTS = {"repeats": 5, "grad_samples": 20, "limit": 0, "out": "runs/compare-elbo", "num_samples": 1000}
-# flags that only one mode of compare-elbo reads: attribute -> flag
-_RUN_DIR_ONLY = {"repeats": "--repeats", "grad_samples": "--grad-samples", "limit": "--limit"}
-_TRAIN_ONLY = {"config": "--config", "set": "--set", "epochs": "--epochs", "out": "--out", "num_samples": "--num-samples"}
-
-
-def _check_compare_elbo(args, parse_estimator) -> None:
-    """Refuse a flag the chosen mode would ignore, and repeated or unknown estimators; fill defaults."""
-    if args.train and args.run_dir:
-        raise ConfigError(f"compare-elbo takes RUN_DIR or --train, not both (got RUN_DIR {args.run_dir} and --train)")
-    ignored = _RUN_DIR_ONLY if args.train else _TRAIN_ONLY
-    for name, flag in ignored.items():
-        if getattr(args, name) not in (None, []):
-            mode = "RUN_DIR (without --train)" if args.train else "--train"
-            raise ConfigError(f"compare-elbo {flag} is only used with {mode}")
-    for name, value in _COMPARE_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    args.default_estimators = args.estimators is None  # defaults a run cannot use are left out, with a note
-    if args.estimators is None:
-        args.estimators = list(DEFAULT_TRAINING_ESTIMATORS if args.train else DEFAULT_ESTIMATORS)
+def _checked_estimators(given: list[str] | None, defaults: tuple[str, ...]) -> list[str]:
+    """The estimators given (None: ``defaults``); unknown or repeated ones are refused."""
+    estimators = list(defaults if given is None else given)
     seen = {}
-    for spec in args.estimators:
+    for spec in estimators:
         try:
-            parsed = parse_estimator(spec)
+            parsed = compare.parse_estimator(spec)
         except ValueError as error:
             raise ConfigError(str(error)) from None
         if parsed in seen:
             raise ConfigError(f"--estimators: {spec!r} repeats {seen[parsed]!r}; give each estimator once")
         seen[parsed] = spec
+    return estimators
+
+
+def _without_analytic(estimators: list[str]) -> list[str]:
+    return [spec for spec in estimators if compare.parse_estimator(spec)[0] != "analytic"]
 
 
 def _compare_elbo(args) -> int:
-    from .compare import compare_estimators, parse_estimator, train_side_by_side
-    from .guides import GUIDES
-    from .priors import PRIORS
-    from .plotting import plot_estimator_comparison, plot_learning_curves
+    """``compare-elbo RUN_DIR``: each estimator scored on the run's test images (or the old form)."""
+    from .plotting import plot_estimator_comparison  # matplotlib: slow to import (see _plot)
 
-    _check_compare_elbo(args, parse_estimator)
     if args.train:
-        plugins = load_plugins(args.plugin)  # before the config: it may name what they register
-        overrides = _overrides(args, [("train.epochs", args.epochs), ("data.dataset", args.data)])
-        config = load_config(args.config, overrides)
-        if args.default_estimators and not has_closed_form_kl(PRIORS[config.model.prior], GUIDES[config.model.guide]):
-            args.estimators = [e for e in args.estimators if parse_estimator(e)[0] != "analytic"]
-            print(f"note: guide {config.model.guide!r} and prior {config.model.prior!r} have no closed-form KL; "
-                  "leaving out 'analytic'", file=sys.stderr)
-        for spec in args.estimators:  # every variant must be a valid config before any trains
-            name, k = parse_estimator(spec)
-            config.replace(**{"objective.elbo": name, "objective.num_particles": k})
-        splits = _run_data(config, args)
-        out = Path(args.out)
-        check_data(config, splits)
-        records, histories = train_side_by_side(config, splits, out, args.estimators, args.num_samples,
-                                                progress=not args.quiet, plugins=plugins)
-        _write_records(records, out / "training_comparison")
-        plot_learning_curves(histories).savefig(out / "training_comparison.png", dpi=110)
-        _print_table(records, ["estimator", "epochs", "test_elbo", "test_log_likelihood", "train_seconds"])
-        return 0
+        return _compare_elbo_old_form(args)
+    _refuse_flags_of_other_form(args, _TRAINING_COMPARISON_DEFAULTS, "--train")
+    _fill_defaults(args, _RUN_COMPARISON_DEFAULTS)
+    estimators = _checked_estimators(args.estimators, DEFAULT_ESTIMATORS)
     if not args.run_dir:
         raise ConfigError("compare-elbo needs RUN_DIR, or --train to train one run per estimator")
     vae, config, test = _trained_and_test(args)
-    estimators = list(args.estimators)
-    if not has_closed_form_kl(vae.prior_net, vae.guide_net) and any(parse_estimator(e)[0] == "analytic"
-                                                                    for e in estimators):
-        estimators = [e for e in estimators if parse_estimator(e)[0] != "analytic"]
-        pair = f"guide {config.model.guide!r} and prior {config.model.prior!r}"
-        if not estimators:
-            raise ConfigError(f"--estimators: nothing left to compare without 'analytic', which {pair} lack")
-        print(f"note: {pair} have no closed-form KL; leaving out 'analytic'", file=sys.stderr)
+    estimators = _usable_on(vae, config, estimators)
     images = _first(test.images, args.limit, "--limit", config.data.dataset)
-    records = compare_estimators(vae, images, estimators, repeats=args.repeats, grad_samples=args.grad_samples)
+    records = compare.compare_estimators(vae, images, estimators, repeats=args.repeats, grad_samples=args.grad_samples)
     stem = Path(args.run_dir) / "elbo_comparison"
     _write_records(records, stem)
     plot_estimator_comparison(records).savefig(stem.with_suffix(".png"), dpi=110)
@@ -478,7 +561,84 @@ def _compare_elbo(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "evaluate": _evaluate, "plot": _plot, "compare-elbo": _compare_elbo}
+def _usable_on(vae, config, estimators: list[str]) -> list[str]:
+    """``estimators`` less 'analytic' where the run's guide and prior have no closed-form KL, with a note."""
+    usable = _without_analytic(estimators)
+    if usable == estimators or has_closed_form_kl(vae.prior_net, vae.guide_net):
+        return estimators
+    pair = f"guide {config.model.guide!r} and prior {config.model.prior!r}"
+    if not usable:
+        raise ConfigError(f"--estimators: nothing left to compare without 'analytic', which {pair} lack")
+    print(f"note: {pair} have no closed-form KL; leaving out 'analytic'", file=sys.stderr)
+    return usable
+
+
+def _compare_training(args) -> int:
+    """``compare-training``: one config trained once per estimator, then the runs compared."""
+    return _run_training_comparison(args, *_training_comparison_inputs(args))
+
+
+#: What ``compare-elbo --train`` says, on stderr, before it runs compare-training.
+OLD_FORM_NOTE = "note: compare-elbo --train is now compare-training (the same flags); running that"
+
+
+def _compare_elbo_old_form(args) -> int:
+    """``compare-elbo --train``: compare-training, as before it split off, with one line that says so."""
+    if args.run_dir:
+        raise ConfigError(f"compare-elbo takes RUN_DIR or --train, not both (got RUN_DIR {args.run_dir} and --train)")
+    _refuse_flags_of_other_form(args, _RUN_COMPARISON_DEFAULTS, "RUN_DIR (without --train)")
+    _fill_defaults(args, _TRAINING_COMPARISON_DEFAULTS)
+    inputs = _training_comparison_inputs(args)
+    # said once the inputs are accepted, so that a refusal is still one line
+    print(OLD_FORM_NOTE, file=sys.stderr)
+    return _run_training_comparison(args, *inputs)
+
+
+def _refuse_flags_of_other_form(args, flags: dict, form: str) -> None:
+    """Refuse a compare-elbo flag (None unless given) that only its other form reads."""
+    for dest in flags:
+        if getattr(args, dest) is not None:
+            raise ConfigError(f"compare-elbo --{dest.replace('_', '-')} is only used with {form}")
+
+
+def _fill_defaults(args, defaults: dict) -> None:
+    for dest, value in defaults.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
+
+
+def _training_comparison_inputs(args):
+    """The config, its data, the estimators and the plugins of a training comparison, each checked
+    (every estimator's variant of the config too) before anything trains."""
+    estimators = _checked_estimators(args.estimators, DEFAULT_TRAINING_ESTIMATORS)
+    plugins = load_plugins(args.plugin)  # before the config: it may name what they register
+    config = load_config(args.config, _overrides(args))
+    if args.estimators is None and not has_closed_form_kl(PRIORS[config.model.prior], GUIDES[config.model.guide]):
+        estimators = _without_analytic(estimators)
+        print(f"note: guide {config.model.guide!r} and prior {config.model.prior!r} have no closed-form KL; "
+              "leaving out 'analytic'", file=sys.stderr)
+    for spec in estimators:  # every variant must be a valid config before any trains
+        name, k = compare.parse_estimator(spec)
+        config.replace(**{"objective.elbo": name, "objective.num_particles": k})
+    splits = _run_data(config, args)
+    check_data(config, splits)
+    return config, splits, estimators, plugins
+
+
+def _run_training_comparison(args, config, splits, estimators: list[str], plugins: list[str]) -> int:
+    from .plotting import plot_learning_curves  # matplotlib: slow to import (see _plot)
+
+    out = Path(args.out)
+    records, histories = compare.train_side_by_side(config, splits, out, estimators, args.num_samples,
+                                                    progress=not args.quiet, plugins=plugins)
+    _write_records(records, out / "training_comparison")
+    plot_learning_curves(histories).savefig(out / "training_comparison.png", dpi=110)
+    _print_table(records, ["estimator", "epochs", "test_elbo", "test_log_likelihood", "train_seconds"])
+    return 0
+
+
+COMMANDS = {"train": _train, "evaluate": _evaluate, "plot": _plot, "compare-elbo": _compare_elbo,
+            "compare-training": _compare_training}
 
 
 def main(argv: list[str] | None = None) -> int:

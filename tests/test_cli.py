@@ -136,7 +136,7 @@ def test_compare_elbo_bad_input(tmp_path):
 
 
 @pytest.mark.mnist
-def test_compare_elbo_on_a_run_and_side_by_side(tmp_path, mnist_dir):
+def test_compare_elbo_on_a_run(tmp_path, mnist_dir):
     env = {"PYRO_VAE_DATA": str(mnist_dir)}
     small = ["--set", "model.hidden_dim=32", "--set", "data.val_size=500", "--set", "data.train_limit=300"]
     run_dir = tmp_path / "run"
@@ -152,13 +152,54 @@ def test_compare_elbo_on_a_run_and_side_by_side(tmp_path, mnist_dir):
     assert (run_dir / "elbo_comparison.csv").is_file() and (run_dir / "elbo_comparison.png").is_file()
     assert "iwae:3" in compared.stdout
 
-    out = tmp_path / "side_by_side"
-    trained = run("compare-elbo", "--train", *small, "--epochs", "1", "--estimators", "mc", "iwae:2",
-                  "-k", "5", "--out", str(out), "--quiet", env=env)
+
+def test_compare_help_shows_each_commands_own_flags():
+    """compare-elbo (estimators on a run) and compare-training (a run per estimator) list only their own."""
+    assert "compare-training" in run("--help").stdout
+    on_a_run, training = run("compare-elbo", "--help").stdout, run("compare-training", "--help").stdout
+    for flag in ("--repeats", "--grad-samples", "--limit"):
+        assert flag in on_a_run and flag not in training, flag
+    for flag in ("--config", "--set", "--epochs", "--out", "--num-samples"):
+        assert flag in training and flag not in on_a_run, flag
+    assert "--train" not in on_a_run  # the old form still runs, but is no longer offered
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--estimators", "renyi"], ["renyi", "choose one of"]),
+    (["--set", "train.lr=nan"], ["train.lr", "finite"]),
+    (["--repeats", "3"], ["unrecognized arguments", "--repeats"]),  # compare-elbo's, not this command's
+])
+def test_compare_training_bad_input(tmp_path, args, words):
+    assert_one_line_error(run("compare-training", *args, "--out", str(tmp_path / "runs")), *words)
+
+
+@pytest.mark.mnist
+def test_compare_training_and_its_old_form(tmp_path, mnist_dir):
+    """compare-training trains once per estimator; compare-elbo --train, the form it replaces, says
+    so in one line and then does the same: same seed, same numbers."""
+    env = {"PYRO_VAE_DATA": str(mnist_dir)}
+    small = ["--set", "model.hidden_dim=32", "--set", "data.val_size=500", "--set", "data.train_limit=300",
+             "--epochs", "1", "--estimators", "mc", "iwae:2", "-k", "5", "--quiet"]
+    new, old = tmp_path / "new", tmp_path / "old"
+    trained = run("compare-training", *small, "--out", str(new), env=env)
     assert trained.returncode == 0, trained.stderr
-    records = json.loads((out / "training_comparison.json").read_text())
+    assert trained.stderr.strip() == "", trained.stderr
+    records = json.loads((new / "training_comparison.json").read_text())
     assert [r["estimator"] for r in records] == ["mc", "iwae:2"]
-    assert (out / "training_comparison.png").is_file()
+    assert (new / "training_comparison.csv").is_file() and (new / "training_comparison.png").is_file()
+    assert "iwae:2" in trained.stdout
+
+    old_form = run("compare-elbo", "--train", *small, "--out", str(old), env=env)
+    assert old_form.returncode == 0, old_form.stderr
+    lines = old_form.stderr.splitlines()
+    assert len(lines) == 1 and "compare-elbo --train" in lines[0] and "compare-training" in lines[0], lines
+
+    def scores(out):  # all but the time each run took
+        return [{k: v for k, v in r.items() if k != "train_seconds"}
+                for r in json.loads((out / "training_comparison.json").read_text())]
+
+    assert scores(old) == scores(new)
+    assert (old / "training_comparison.csv").is_file() and (old / "training_comparison.png").is_file()
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
