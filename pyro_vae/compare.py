@@ -6,7 +6,7 @@ prints, saves as JSON and CSV, and plots.
 
 References:
     Rainforth et al. (2018), Tighter Variational Bounds are Not Necessarily Better: the
-    signal-to-noise ratio |E[g]| / std[g] of gradient estimates, per parameter.
+    signal-to-noise ratio ``|E[g]| / std[g]`` of gradient estimates, per parameter.
 """
 
 from __future__ import annotations
