@@ -166,14 +166,20 @@ def test_callback_sees_each_epoch_record(splits, tiny_config):
     assert seen == result.history and len(seen) == tiny_config.train.epochs
 
 
-def test_without_the_reconstruction_term_the_posterior_collapses(splits, tiny_config):
-    """Trained on -KL alone, q(z|x) becomes the prior: the KL term goes to ~0 for every image."""
+@pytest.mark.statistical
+def test_without_the_reconstruction_term_the_posterior_collapses(splits, tiny_config, seed):
+    """Trained on -KL alone, q(z|x) becomes the prior: the KL term goes to ~0 for every image,
+    while the same model trained on the ELBO carries over 1 nat (both runs seeded ``seed``).
+    Measured over train.seed 0-9: collapsed KL 9e-5 to 4e-4 nats (the bound is 0.05); the ELBO
+    model's 2.79 to 3.50 (mean 3.10, standard deviation 0.25), 1 nat lying 8.3 deviations
+    below: false-failure rate below 1e-15 per run (normal)."""
     from torch.distributions import kl_divergence
 
     config = tiny_config.replace(**{"objective.reconstruction_weight": 0.0, "objective.elbo": "analytic",
-                                    "train.epochs": 15, "train.lr": 1e-2})
+                                    "train.epochs": 15, "train.lr": 1e-2, "train.seed": seed})
     vae = fit(config, splits, progress=False).vae
-    normal = fit(tiny_config.replace(**{"train.epochs": 15, "train.lr": 1e-2}), splits, progress=False).vae
+    normal = fit(tiny_config.replace(**{"train.epochs": 15, "train.lr": 1e-2, "train.seed": seed}), splits,
+                 progress=False).vae
     with torch.no_grad():
         collapsed_kl = kl_divergence(vae.encode(splits.test.images), vae.prior()).mean().item()
         normal_kl = kl_divergence(normal.encode(splits.test.images), normal.prior()).mean().item()
