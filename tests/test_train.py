@@ -329,7 +329,7 @@ def test_fit_trains_a_hand_built_vae_and_resumes_it_exactly(tmp_path, splits, ti
     with pytest.raises(ValueError, match="built by hand"):  # its config does not describe it
         fit(config, splits, run_dir=tmp_path, checkpoint=load_checkpoint(tmp_path), progress=False)
     resumed = fit(config, splits, run_dir=tmp_path, checkpoint=load_checkpoint(tmp_path), progress=False,
-                  vae=hand_built_vae(shape, seed=seed + 123))  # its own initial weights are replaced by the checkpoint's
+                  vae=hand_built_vae(shape, seed=seed + 123))  # its initial weights are replaced by the checkpoint's
     assert comparable(resumed.history) == comparable(full.history)
     for (name, a), (_, b) in zip(full.vae.state_dict().items(), resumed.vae.state_dict().items()):
         assert torch.equal(a, b), name
