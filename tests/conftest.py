@@ -6,6 +6,12 @@ the ``seed`` fixture, and states its false-failure rate per run: the probability
 that it fails although the code is right. ``pytest --seed 7`` (or ``PYRO_VAE_TEST_SEED=7``)
 runs them at another seed; ``--seed 1-20`` (or ``1,5,9``) runs each once per seed, with the
 seed in the test id (``make test-seeds``).
+
+Beside this file: ``helpers.py``, the one way to assert a one-line refusal (an exception's
+message, or the command line's exit status and error line), and ``parts.py``, the small
+hand-made parts (encoder, decoder, likelihood, priors, a config-built VAE, a binary batch).
+Test files import them by name (``from helpers import one_line``): pytest's default "prepend"
+import mode puts ``tests/`` (no ``__init__.py``) on ``sys.path``.
 """
 
 from __future__ import annotations

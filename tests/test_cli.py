@@ -11,20 +11,13 @@ import pytest
 
 from pyro_vae.checkpoint import CHECKPOINT_NAME
 
+from helpers import assert_one_line_error
+
 
 def run(*args, env=None, cwd=None, timeout=600):
     environment = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "pyro_vae", *args], capture_output=True, text=True,
                           env=environment, cwd=cwd, timeout=timeout)
-
-
-def assert_one_line_error(result, *words):
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 or lines[0].startswith("usage:"), result.stderr
-    for word in words:
-        assert word in result.stderr, result.stderr
 
 
 def test_help_explains_every_flag():

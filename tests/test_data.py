@@ -14,6 +14,8 @@ from pyro_vae.data import (
     resolve_data_dir,
 )
 
+from helpers import one_line
+
 
 def test_data_dir_order(monkeypatch, tmp_path):
     monkeypatch.setenv(DATA_ENV, str(tmp_path / "env"))
@@ -27,9 +29,7 @@ def test_data_dir_order(monkeypatch, tmp_path):
 def test_missing_files_name_the_folder_and_files(tmp_path):
     with pytest.raises(DataNotFoundError) as error:
         load_splits("mnist", tmp_path)
-    message = str(error.value)
-    assert str(tmp_path / "MNIST" / "raw") in message
-    assert "train-images-idx3-ubyte" in message and "\n" not in message
+    one_line(error, str(tmp_path / "MNIST" / "raw"), "train-images-idx3-ubyte")
 
 
 @pytest.mark.statistical

@@ -22,8 +22,10 @@ from pyro_vae.checkpoint import load_checkpoint
 from pyro_vae.config import load_config
 from pyro_vae.data import load_splits
 from pyro_vae.distributed import SharedNoise, resolve_device, setup, shard_bounds
-from pyro_vae.model import LATENT, build_vae
+from pyro_vae.model import LATENT
 from pyro_vae.train import fit
+
+from parts import binary_batch, small_vae
 
 TIMEOUT = 180  # seconds for one torchrun launch; a hang fails the test instead of CI
 
@@ -38,20 +40,11 @@ def test_shards_cover_the_batch_in_order_and_differ_by_at_most_one(size, world_s
     assert max(lengths) - min(lengths) <= 1
 
 
-def _vae(image_shape=(1, 6, 5), z_dim=3):
-    config = load_config(None, {"model.z_dim": z_dim, "model.hidden_dim": 16})
-    return build_vae(config.model, image_shape)
-
-
-def _batch(n=7, image_shape=(1, 6, 5)):
-    return torch.bernoulli(torch.full((n, *image_shape), 0.4), generator=torch.Generator().manual_seed(0))
-
-
 def test_shared_noise_gives_each_rank_the_single_process_draws():
     """Each rank's noise is, bit for bit, its rows of the one process's noise; its z is the one
     process's z up to rounding (the encoder's matrix products over 3 rows and over 7 rows may
     round differently, e.g. on a CPU without AVX-512, so z is compared within float tolerance)."""
-    vae, x = _vae(), _batch()
+    vae, x = small_vae(), binary_batch()
     pyro.set_rng_seed(3)
     z = poutine.trace(vae.guide_body).get_trace(x).nodes[LATENT]["value"]
     pyro.set_rng_seed(3)
@@ -70,7 +63,7 @@ def test_shared_noise_gives_each_rank_the_single_process_draws():
 @pytest.mark.parametrize("estimator, particles", [("mc", 1), ("analytic", 1), ("mc", 3), ("iwae", 4)])
 def test_shard_losses_add_up_to_the_batch_loss_and_gradient(estimator, particles, assert_shards_add_up):
     """What DDP relies on: summing the shards' losses (and gradients) gives the whole batch's."""
-    vae, x = _vae(), _batch()
+    vae, x = small_vae(), binary_batch()
     assert_shards_add_up(vae, x, estimator, particles)
 
 

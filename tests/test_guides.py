@@ -35,15 +35,12 @@ from pyro_vae.priors import PRIORS
 from pyro_vae.seeding import seeded
 from pyro_vae.train import fit
 
+from helpers import one_line
+from parts import binary_batch, small_vae
+
 
 def comparable(history):
     return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second", "peak_memory_mb")} for r in history]
-
-
-def one_line(error) -> str:
-    message = str(error.value)
-    assert "\n" not in message, message
-    return message
 
 
 def iaf(z_dim: int, seed: int = 0, **options) -> InverseAutoregressiveFlow:
@@ -95,12 +92,23 @@ def test_iaf_log_prob_at_any_z_is_the_log_prob_at_its_sample(stable):
         many = q.rsample((7,))
         assert many.shape == (7, 5, 4)
         torch.testing.assert_close(q.log_prob(many.clone()), q.log_prob(many), rtol=1e-5, atol=1e-4)
-    # the gradient reaches the encoder's output through the sample, the context and the density
-    z_loc = torch.randn(5, 4, requires_grad=True)
-    q = guide(z_loc, torch.ones(5, 4))
-    sample = q.rsample()
-    q.log_prob(sample).sum().backward()
-    assert z_loc.grad is not None and torch.isfinite(z_loc.grad).all()
+    # The gradient of log q(z) at its own reparameterized draw reaches the encoder's output
+    # through the context and the flows' Jacobians: the base Gaussian alone would give exactly
+    # zero (log N(z_loc + z_scale eps; z_loc, z_scale) does not depend on z_loc). So it is
+    # nonzero, and it is the derivative: autograd against central differences, in float64,
+    # each evaluation drawing the same eps.
+    guide = guide.double()
+    z_scale = torch.ones(5, 4, dtype=torch.float64)
+
+    def log_q_at_its_draw(z_loc):
+        with seeded(3):
+            q = guide(z_loc, z_scale)
+            return q.log_prob(q.rsample())
+
+    z_loc = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    (gradient,) = torch.autograd.grad(log_q_at_its_draw(z_loc).sum(), z_loc)
+    assert gradient.abs().max() > 1e-2
+    assert torch.autograd.gradcheck(log_q_at_its_draw, (z_loc,), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.statistical
@@ -195,10 +203,15 @@ def test_an_iaf_in_one_dimension_is_a_context_conditioned_affine_map():
     torch.testing.assert_close(q.log_prob(z.clone()), q.log_prob(z), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.statistical
 @pytest.mark.parametrize("elbo, particles", [("mc", 1), ("mc", 3), ("iwae", 4)])
-def test_an_iaf_guide_trains(splits, tiny_config, elbo, particles):
+def test_an_iaf_guide_trains(splits, tiny_config, elbo, particles, seed):
+    """Over 4 epochs of a run seeded ``seed``, the training loss falls and the validation ELBO
+    rises. Measured over train.seed 0-9: the loss falls by 4.1 to 10.8 nats and the ELBO rises by
+    3.2 to 7.8; for each estimator and check, zero lies 3.9 or more standard deviations below
+    the mean: false-failure rate below 1e-4 per run (normal, one-sided, both checks)."""
     config = iaf_config(tiny_config, **{"objective.elbo": elbo, "objective.num_particles": particles,
-                                        "train.epochs": 4})
+                                        "train.epochs": 4, "train.seed": seed})
     result = fit(config, splits, progress=False)
     losses = [r["train_loss"] for r in result.history]
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
@@ -216,10 +229,21 @@ def test_an_iaf_run_evaluates_plots_and_round_trips(tmp_path, splits, tiny_confi
     scores = evaluate(vae, x, num_samples=20)
     assert scores["kl_per_dimension"] is None and scores["closed_form_terms"] == []
     assert math.isfinite(scores["test_log_likelihood"]) and scores["test_log_likelihood"] >= scores["test_elbo"]
-    assert 0 <= scores["active_units"] <= 2
     assert evaluate(vae, x, num_samples=20) == scores  # seeded: the same numbers again
     figures = make_figures(vae, x, splits.test.labels, result.history)
     assert {"reconstructions", "samples", "latent_space", "manifold", "latent_traversals"} <= set(figures)
+    # Active units where the setup decides them: the flows made the identity (each MADE output
+    # layer zeroed), so the representative code is z_loc; z_loc made constant along dimension 1
+    # and 100 times as spread along dimension 0 (its variance over these images, 0.008 to 0.28
+    # as trained with seeds 0-5, then 84 or more, against the threshold 0.01).
+    with torch.no_grad():
+        for flow in vae.guide_net.flows:
+            flow.nn.layers[-1].weight.zero_()
+            flow.nn.layers[-1].bias.zero_()
+        vae.encoder.loc.weight[1] = 0.0
+        vae.encoder.loc.weight[0] *= 100
+        torch.testing.assert_close(representative_code(vae.encode(x)), vae.encoder(x)[0])
+    assert evaluate(vae, x, num_samples=2)["active_units"] == 1
 
 
 def test_an_iaf_run_resumes_exactly(tmp_path, splits, tiny_config):
@@ -288,8 +312,7 @@ def test_compare_elbo_leaves_out_analytic_for_an_iaf_guide_in_both_modes(tmp_pat
 def test_iaf_options_are_checked_before_anything_is_read(options, words):
     with pytest.raises(ConfigError) as error:
         load_config(None, {"model.guide": "iaf", "model.z_dim": 3, "model.guide_options": options})
-    for word in words:
-        assert word in one_line(error), one_line(error)
+    one_line(error, *words)
 
 
 # -- a family of one's own -----------------------------------------------------------------------
@@ -373,8 +396,7 @@ def test_build_vae_checks_a_guide_once_and_names_it(part, words):
     register_guide("mine", part)
     with pytest.raises(ConfigError) as error:
         build_vae(load_config(None, {"model.guide": "mine", "model.z_dim": 3, "model.hidden_dim": 8}).model, (1, 4, 4))
-    for word in words:
-        assert word in one_line(error), one_line(error)
+    one_line(error, *words)
 
 
 PLUGIN = '''
@@ -425,20 +447,11 @@ def test_a_plugin_guide_trains_and_evaluates_through_the_command_line(tmp_path, 
 
 # -- data-parallel draws -------------------------------------------------------------------------
 
-def _iaf_vae(image_shape=(1, 6, 5), z_dim=3):
-    config = load_config(None, {"model.z_dim": z_dim, "model.hidden_dim": 16, "model.guide": "iaf"})
-    return build_vae(config.model, image_shape)
-
-
-def _batch(n=7, image_shape=(1, 6, 5)):
-    return torch.bernoulli(torch.full((n, *image_shape), 0.4), generator=torch.Generator().manual_seed(0))
-
-
 def test_shared_noise_gives_each_rank_the_single_process_flow_draws():
     """Each rank draws the whole batch's base noise, keeps its rows and pushes them through its
     flows: image by image the single process's z and log q, up to the rounding of products over
     other numbers of rows (compared within float tolerance, never bit for bit)."""
-    vae, x = _iaf_vae(), _batch()
+    vae, x = small_vae(guide="iaf"), binary_batch()
     pyro.set_rng_seed(3)
     single = poutine.trace(vae.guide_body).get_trace(x).nodes[LATENT]
     z, log_q = single["value"], single["fn"].log_prob(single["value"])
@@ -454,7 +467,7 @@ def test_shared_noise_gives_each_rank_the_single_process_flow_draws():
 @pytest.mark.parametrize("estimator, particles", [("mc", 1), ("mc", 3), ("iwae", 4)])
 def test_shard_losses_of_an_iaf_vae_add_up_to_the_batch_loss_and_gradient(estimator, particles,
                                                                          assert_shards_add_up):
-    assert_shards_add_up(_iaf_vae(), _batch(), estimator, particles, grad_atol=1e-4)
+    assert_shards_add_up(small_vae(guide="iaf"), binary_batch(), estimator, particles, grad_atol=1e-4)
 
 
 @pytest.mark.mnist

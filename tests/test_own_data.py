@@ -15,6 +15,8 @@ from PIL import Image
 
 from pyro_vae.checkpoint import load_checkpoint
 
+from helpers import assert_one_line_error
+
 N = 120  # items per dataset: 96 train, 12 validation, 12 test with the default fractions
 TINY = ["--set", "model.hidden_dim=16", "--set", "model.z_dim=2", "--set", "train.batch_size=32", "--quiet"]
 
@@ -52,14 +54,6 @@ def write_arrays(path, kind: str):
     elif kind == "pt":
         torch.save({"x": torch.from_numpy(images[..., 0]).float() / 255, "y": torch.from_numpy(labels)}, path)
     return path
-
-
-def one_line_error(status, err, *words):
-    assert status == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("pyro-vae: error: "), err
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 FORMATS = {
@@ -115,7 +109,7 @@ def test_a_changed_file_is_refused_and_a_moved_one_is_found(tmp_path, run_cli):
     np.save(moved, changed)
     for command in (["evaluate", str(run), "-k", "2"], ["plot", str(run)], ["train", "--resume", str(run), "--epochs", "2"],
                     ["compare-elbo", str(run), "--repeats", "1", "--grad-samples", "2"]):
-        one_line_error(*run_cli(*command, "--data", str(moved))[::2], "fingerprint")
+        assert_one_line_error(run_cli(*command, "--data", str(moved)), "fingerprint")
 
 
 PLUGIN = textwrap.dedent('''
@@ -180,5 +174,5 @@ def test_a_plugin_registers_parts_used_by_name_through_evaluate_and_resume(how, 
 
 
 def test_a_missing_plugin_is_one_line(tmp_path, run_cli):
-    one_line_error(*run_cli("train", "--plugin", str(tmp_path / "nowhere.py"), "--out", str(tmp_path / "run"))[::2], "nowhere.py")
-    one_line_error(*run_cli("train", "--plugin", "no_such_module_here", "--out", str(tmp_path / "run"))[::2], "no_such_module_here")
+    for plugin, word in [(str(tmp_path / "nowhere.py"), "nowhere.py"), ("no_such_module_here", "no_such_module_here")]:
+        assert_one_line_error(run_cli("train", "--plugin", plugin, "--out", str(tmp_path / "run")), word)

@@ -21,13 +21,7 @@ from pyro_vae.checkpoint import CHECKPOINT_NAME, load_checkpoint, remove_stale_t
 from pyro_vae.cli import EXIT_DISK_FULL, EXIT_DIVERGED
 from pyro_vae.train import TrainingDiverged, fit
 
-
-def assert_one_line(result, status: int, *words: str) -> None:
-    assert result.returncode == status, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
+from helpers import assert_one_line_error, one_line
 
 
 def _poisoning(monkeypatch, at_epoch: int, at_step: int | None):
@@ -64,10 +58,7 @@ def test_a_diverging_step_stops_and_leaves_the_last_checkpoint(tmp_path, splits,
     _poisoning(monkeypatch, at_epoch=2, at_step=at_step)
     with pytest.raises(TrainingDiverged) as raised:
         fit(config, splits, run_dir=tmp_path, progress=False)
-    message = str(raised.value)
-    assert "\n" not in message
-    for word in (words, "the checkpoint of epoch 1", str(tmp_path), "train.lr"):
-        assert word in message, message
+    one_line(raised, words, "the checkpoint of epoch 1", str(tmp_path), "train.lr")
     state = load_checkpoint(tmp_path)
     assert state["epoch"] == 1 and state["step"] == 0
     assert all(torch.isfinite(value).all() for value in state["model"].values())
@@ -192,8 +183,8 @@ def test_a_diverging_run_is_one_line_and_its_own_exit_status(tmp_path, mnist_dir
     # a rate this large throws the weights to ~1e30 in the first step; the next loss is not finite
     result = subprocess.run(_train_args(run_dir, 2, "--set", "train.lr=1e30"), env=_env(mnist_dir),
                             capture_output=True, text=True, timeout=300)
-    assert_one_line(result, EXIT_DIVERGED, "training diverged at epoch 1, step", "no checkpoint had been written",
-                    "train.lr")
+    assert_one_line_error(result, "training diverged at epoch 1, step", "no checkpoint had been written", "train.lr",
+                          status=EXIT_DIVERGED)
 
 
 def _mount_tmpfs(folder: Path, kib: int) -> None:
@@ -219,7 +210,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, mnist_d
     try:
         run_dir = disk / "run"
         result = subprocess.run(_train_args(run_dir, 3), env=env, capture_output=True, text=True, timeout=300)
-        assert_one_line(result, EXIT_DISK_FULL, "full", str(run_dir), "epoch 1", "--resume")
+        assert_one_line_error(result, "full", str(run_dir), "epoch 1", "--resume", status=EXIT_DISK_FULL)
         assert load_checkpoint(run_dir)["epoch"] == 1
         assert not list(run_dir.glob(".*.tmp"))
         moved = Path(shutil.copytree(run_dir, tmp_path / "moved"))

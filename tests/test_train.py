@@ -8,7 +8,10 @@ import torch
 import pyro_vae.train as train_module
 from pyro_vae.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, load_run, save_checkpoint
 from pyro_vae.config import load_config
+from pyro_vae.seeding import seeded
 from pyro_vae.train import METRICS_NAME, fit, learning_rate
+
+from parts import TinyDecoder, TinyEncoder
 
 KEYS = {"epoch", "train_loss", "val_elbo", "seconds", "images_per_second"}
 
@@ -34,8 +37,14 @@ def test_fit_writes_metrics_checkpoint_and_config(tmp_path, splits, tiny_config,
     assert not list(tmp_path.glob(".*.tmp"))  # the atomic write leaves no temporary file
 
 
-def test_training_improves_the_validation_elbo(splits, tiny_config):
-    result = fit(tiny_config.replace(**{"train.epochs": 6}), splits, progress=False)
+@pytest.mark.statistical
+def test_training_improves_the_validation_elbo(splits, tiny_config, seed):
+    """Six epochs gain more than 1 nat of validation ELBO over the first, for a run seeded
+    ``seed`` (weights, batches, binarization). Measured over train.seed 0-9: gains of 5.7 to
+    12.3 nats (mean 8.0, standard deviation 1.9); 1 nat lies 3.7 deviations below the mean:
+    false-failure rate about 1e-4 per run (normal, one-sided; the gains' spread is skewed
+    upward, so the lower tail is, if anything, thinner)."""
+    result = fit(tiny_config.replace(**{"train.epochs": 6, "train.seed": seed}), splits, progress=False)
     assert result.history[-1]["val_elbo"] > result.history[0]["val_elbo"] + 1
 
 
@@ -157,14 +166,20 @@ def test_callback_sees_each_epoch_record(splits, tiny_config):
     assert seen == result.history and len(seen) == tiny_config.train.epochs
 
 
-def test_without_the_reconstruction_term_the_posterior_collapses(splits, tiny_config):
-    """Trained on -KL alone, q(z|x) becomes the prior: the KL term goes to ~0 for every image."""
+@pytest.mark.statistical
+def test_without_the_reconstruction_term_the_posterior_collapses(splits, tiny_config, seed):
+    """Trained on -KL alone, q(z|x) becomes the prior: the KL term goes to ~0 for every image,
+    while the same model trained on the ELBO carries over 1 nat (both runs seeded ``seed``).
+    Measured over train.seed 0-9: collapsed KL 9e-5 to 4e-4 nats (the bound is 0.05); the ELBO
+    model's 2.79 to 3.50 (mean 3.10, standard deviation 0.25), 1 nat lying 8.3 deviations
+    below: false-failure rate below 1e-15 per run (normal)."""
     from torch.distributions import kl_divergence
 
     config = tiny_config.replace(**{"objective.reconstruction_weight": 0.0, "objective.elbo": "analytic",
-                                    "train.epochs": 15, "train.lr": 1e-2})
+                                    "train.epochs": 15, "train.lr": 1e-2, "train.seed": seed})
     vae = fit(config, splits, progress=False).vae
-    normal = fit(tiny_config.replace(**{"train.epochs": 15, "train.lr": 1e-2}), splits, progress=False).vae
+    normal = fit(tiny_config.replace(**{"train.epochs": 15, "train.lr": 1e-2, "train.seed": seed}), splits,
+                 progress=False).vae
     with torch.no_grad():
         collapsed_kl = kl_divergence(vae.encode(splits.test.images), vae.prior()).mean().item()
         normal_kl = kl_divergence(normal.encode(splits.test.images), normal.prior()).mean().item()
@@ -286,60 +301,42 @@ def test_fit_refuses_to_start_over_an_existing_run(tmp_path, splits, tiny_config
     assert (tmp_path / CHECKPOINT_NAME).read_bytes() == before
 
 
-class TinyEncoder(torch.nn.Module):
-    """A user's own encoder: x (B, *shape) -> (z_loc, z_scale), each (B, z_dim)."""
-
-    def __init__(self, x_dim, z_dim):
-        super().__init__()
-        self.net = torch.nn.Linear(x_dim, 2 * z_dim)
-
-    def forward(self, x):
-        loc, raw = self.net(x.flatten(1)).chunk(2, -1)
-        return loc, torch.nn.functional.softplus(raw) + 1e-4
-
-
-class TinyDecoder(torch.nn.Module):
-    """A user's own decoder: z (..., z_dim) -> logits (..., *shape)."""
-
-    def __init__(self, z_dim, shape):
-        super().__init__()
-        self.shape = tuple(shape)
-        self.net = torch.nn.Sequential(torch.nn.Linear(z_dim, 16), torch.nn.Tanh(), torch.nn.Linear(16, math.prod(shape)))
-
-    def forward(self, z):
-        return self.net(z).unflatten(-1, self.shape)
-
-
 def hand_built_vae(shape, z_dim=3, seed=0):
     from pyro_vae.likelihoods import make_likelihood
     from pyro_vae.model import VAE
     from pyro_vae.priors import make_prior
 
-    torch.manual_seed(seed)
-    return VAE(TinyEncoder(math.prod(shape), z_dim), TinyDecoder(z_dim, shape), make_likelihood("bernoulli", shape),
-               make_prior("standard_normal", z_dim))
+    with seeded(seed):
+        return VAE(TinyEncoder(shape, z_dim), TinyDecoder(shape, z_dim), make_likelihood("bernoulli", shape),
+                   make_prior("standard_normal", z_dim))
 
 
-def test_fit_trains_a_hand_built_vae_and_resumes_it_exactly(tmp_path, splits, tiny_config):
+@pytest.mark.statistical
+def test_fit_trains_a_hand_built_vae_and_resumes_it_exactly(tmp_path, splits, tiny_config, seed):
+    """Resumed, a hand-built VAE's run is the uninterrupted one, exactly (any seed). Trained, its
+    validation ELBO rises over 3 epochs (initial weights and run seeded ``seed``): measured over
+    seeds 0-9, gains of 1.05 to 1.77 nats (mean 1.34, standard deviation 0.24); a fall lies 5.6
+    deviations below the mean: false-failure rate below 1e-7 per run (normal, one-sided)."""
     from pyro_vae.checkpoint import load_run
 
     shape = splits.train.image_shape
-    config = tiny_config.replace(**{"train.epochs": 3})
-    full = fit(config, splits, progress=False, vae=hand_built_vae(shape))
+    config = tiny_config.replace(**{"train.epochs": 3, "train.seed": seed})
+    full = fit(config, splits, progress=False, vae=hand_built_vae(shape, seed=seed))
     assert full.history[-1]["val_elbo"] > full.history[0]["val_elbo"]
 
-    fit(config.replace(**{"train.epochs": 1}), splits, run_dir=tmp_path, progress=False, vae=hand_built_vae(shape))
+    fit(config.replace(**{"train.epochs": 1}), splits, run_dir=tmp_path, progress=False,
+        vae=hand_built_vae(shape, seed=seed))
     with pytest.raises(ValueError, match="built by hand"):  # its config does not describe it
         fit(config, splits, run_dir=tmp_path, checkpoint=load_checkpoint(tmp_path), progress=False)
     resumed = fit(config, splits, run_dir=tmp_path, checkpoint=load_checkpoint(tmp_path), progress=False,
-                  vae=hand_built_vae(shape, seed=123))  # its own initial weights are replaced by the checkpoint's
+                  vae=hand_built_vae(shape, seed=seed + 123))  # its initial weights are replaced by the checkpoint's
     assert comparable(resumed.history) == comparable(full.history)
     for (name, a), (_, b) in zip(full.vae.state_dict().items(), resumed.vae.state_dict().items()):
         assert torch.equal(a, b), name
 
     with pytest.raises(CheckpointError, match="built by hand"):
         load_run(tmp_path)
-    loaded = load_run(tmp_path, vae=hand_built_vae(shape, seed=7))
+    loaded = load_run(tmp_path, vae=hand_built_vae(shape, seed=seed + 7))
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), full.vae.state_dict().values()))
     with pytest.raises(CheckpointError, match="does not match"):
         load_run(tmp_path, vae=hand_built_vae(shape, z_dim=4))
