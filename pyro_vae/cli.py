@@ -544,11 +544,11 @@ def _compare_elbo(args) -> int:
 
     if args.train:
         return _compare_elbo_old_form(args)
-    _refuse_flags_of_other_form(args, _TRAINING_COMPARISON_DEFAULTS, "--train")
+    _refuse_flags_of_other_form(args, _TRAINING_COMPARISON_DEFAULTS, "compare-training (or compare-elbo --train)")
     _fill_defaults(args, _RUN_COMPARISON_DEFAULTS)
     estimators = _checked_estimators(args.estimators, DEFAULT_ESTIMATORS)
     if not args.run_dir:
-        raise ConfigError("compare-elbo needs RUN_DIR, or --train to train one run per estimator")
+        raise ConfigError("compare-elbo needs RUN_DIR, a trained run; compare-training trains one run per estimator")
     vae, config, test = _trained_and_test(args)
     estimators = _usable_on(vae, config, estimators)
     images = _first(test.images, args.limit, "--limit", config.data.dataset)

@@ -125,7 +125,7 @@ def test_ctrl_c_saves_and_resume_finishes(tmp_path, mnist_dir):
 def test_compare_elbo_bad_input(tmp_path):
     assert_one_line_error(run("compare-elbo", str(tmp_path), "--estimators", "renyi"), "renyi", "choose one of")
     assert_one_line_error(run("compare-elbo", str(tmp_path), "--estimators", "iwae:x"), "iwae:x")
-    assert_one_line_error(run("compare-elbo"), "RUN_DIR", "--train")
+    assert_one_line_error(run("compare-elbo"), "RUN_DIR", "compare-training trains")
 
 
 @pytest.mark.mnist
