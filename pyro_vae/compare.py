@@ -86,31 +86,17 @@ def compare_estimators(vae, images: torch.Tensor, estimators=DEFAULT_ESTIMATORS,
     if repeats > GRADIENT_SEEDS or grad_samples > SEEDS_PER_CALL - GRADIENT_SEEDS:
         raise ValueError(f"repeats = {repeats}, grad_samples = {grad_samples}: at most "
                          f"{GRADIENT_SEEDS} and {SEEDS_PER_CALL - GRADIENT_SEEDS}")
-    records = []
     encoder = [p for p in vae.encoder.parameters() if p.requires_grad]
     decoder = [p for p in [*vae.decoder.parameters(), *vae.likelihood.parameters()] if p.requires_grad]
-    batch = images[:grad_batch]
+    records = []
     for spec in estimators:
         name, k = parse_estimator(spec)
         estimator = make_elbo(name, k)
-        estimates = []
-        for repeat in range(repeats):
-            with seeded(SEEDS_PER_CALL * seed + repeat, images.device), torch.no_grad():
-                total = sum(estimator.loss(vae.model_body, vae.guide_body, images[i : i + batch_size])
-                            for i in range(0, len(images), batch_size))
-            estimates.append(-total / len(images))
-        grads_encoder, grads_decoder, seconds = [], [], []
-        for sample in range(grad_samples):
-            with seeded(SEEDS_PER_CALL * seed + GRADIENT_SEEDS + sample, images.device):
-                started = time.perf_counter()
-                loss = estimator.differentiable_loss(vae.model_body, vae.guide_body, batch) / len(batch)
-                grads = _flat_grads(loss, encoder + decoder) if encoder + decoder else torch.zeros(0)
-                seconds.append(time.perf_counter() - started)
-            n_encoder = sum(p.numel() for p in encoder)
-            grads_encoder.append(grads[:n_encoder])
-            grads_decoder.append(grads[n_encoder:])
-        snr_encoder, var_encoder = _snr(torch.stack(grads_encoder))
-        snr_decoder, var_decoder = _snr(torch.stack(grads_decoder))
+        estimates = _estimates(vae, estimator, images, repeats, batch_size, seed)
+        grads_encoder, grads_decoder, seconds = _gradient_draws(vae, estimator, images[:grad_batch], encoder, decoder,
+                                                                grad_samples, seed)
+        snr_encoder, var_encoder = _snr(grads_encoder)
+        snr_decoder, var_decoder = _snr(grads_decoder)
         records.append({
             "estimator": spec,
             "estimate": statistics.mean(estimates),
@@ -125,6 +111,35 @@ def compare_estimators(vae, images: torch.Tensor, estimators=DEFAULT_ESTIMATORS,
             "num_images": len(images),
         })
     return records
+
+
+def _estimates(vae, estimator, images: torch.Tensor, repeats: int, batch_size: int, seed: int) -> list[float]:
+    """The estimate in nats per image, once per pass over ``images`` (pass ``r`` seeded as
+    :func:`compare_estimators` says)."""
+    estimates = []
+    for repeat in range(repeats):
+        with seeded(SEEDS_PER_CALL * seed + repeat, images.device), torch.no_grad():
+            total = sum(estimator.loss(vae.model_body, vae.guide_body, images[i : i + batch_size])
+                        for i in range(0, len(images), batch_size))
+        estimates.append(-total / len(images))
+    return estimates
+
+
+def _gradient_draws(vae, estimator, batch: torch.Tensor, encoder: list, decoder: list, grad_samples: int,
+                    seed: int) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """``grad_samples`` draws of the per-image loss's gradient on ``batch``: the encoder's and
+    the decoder's parameters as ``(grad_samples, parameters)`` tensors, and each draw's seconds."""
+    grads_encoder, grads_decoder, seconds = [], [], []
+    n_encoder = sum(p.numel() for p in encoder)
+    for sample in range(grad_samples):
+        with seeded(SEEDS_PER_CALL * seed + GRADIENT_SEEDS + sample, batch.device):
+            started = time.perf_counter()
+            loss = estimator.differentiable_loss(vae.model_body, vae.guide_body, batch) / len(batch)
+            grads = _flat_grads(loss, encoder + decoder) if encoder + decoder else torch.zeros(0)
+            seconds.append(time.perf_counter() - started)
+        grads_encoder.append(grads[:n_encoder])
+        grads_decoder.append(grads[n_encoder:])
+    return torch.stack(grads_encoder), torch.stack(grads_decoder), seconds
 
 
 def train_side_by_side(config, splits, out_dir, estimators=DEFAULT_TRAINING_ESTIMATORS, num_samples: int = 1000,
