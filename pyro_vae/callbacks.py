@@ -10,22 +10,25 @@ calls them all through one :class:`CallbackList`.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Sequence
 
 from tqdm.auto import tqdm
 
 
-class Callback(Protocol):
-    """The points of :func:`~pyro_vae.train.fit`'s loop a callback is called at, in order.
+class Callback:
+    """The points of :func:`~pyro_vae.train.fit`'s loop a callback is called at, in order; each
+    hook does nothing here, so a callback defines only those it uses (as Keras' ``Callback``).
 
     Entered before the first epoch, exited when the loop ends, also on an error. Hooks
     must not draw from the training's random stream: a run trains the same weights with or
     without them.
     """
 
-    def __enter__(self): ...
+    def __enter__(self):
+        return self
 
-    def __exit__(self, kind, error, traceback) -> bool: ...
+    def __exit__(self, kind, error, traceback) -> bool:
+        return False
 
     def epoch_begins(self, epoch: int, step: int) -> None:
         """Epoch ``epoch`` (0-based) begins, or resumes after ``step`` steps already taken."""
@@ -85,7 +88,7 @@ class CallbackList:
             callback.epoch_ends(record)
 
 
-class Console:
+class Console(Callback):
     """Training on the terminal: a progress bar over each epoch's steps, one line per epoch.
 
     :param num_epochs: the epochs of the run, for the bar's title.
@@ -96,9 +99,6 @@ class Console:
         self.num_epochs = num_epochs
         self.num_steps = num_steps
         self._bar = None
-
-    def __enter__(self) -> "Console":
-        return self
 
     def __exit__(self, kind, error, traceback) -> bool:
         self.steps_end()  # an error mid-epoch: the bar goes, the error's message stays alone
@@ -117,9 +117,6 @@ class Console:
         if bar is not None:
             bar.close()
 
-    def observe(self, vae, record: dict) -> None:
-        pass
-
     def epoch_ends(self, record: dict) -> None:
         tqdm.write(
             f"epoch {record['epoch']:>4}  train_loss {record['train_loss']:8.3f}  "
@@ -128,7 +125,7 @@ class Console:
         )
 
 
-class RecordCallback:
+class RecordCallback(Callback):
     """A function of each finished epoch's metrics record, called once the epoch is saved
     (``fit(..., callback=...)``, e.g. to redraw a live loss plot in a notebook).
 
@@ -137,24 +134,6 @@ class RecordCallback:
 
     def __init__(self, function: Callable[[dict], None]):
         self.function = function
-
-    def __enter__(self) -> "RecordCallback":
-        return self
-
-    def __exit__(self, kind, error, traceback) -> bool:
-        return False
-
-    def epoch_begins(self, epoch: int, step: int) -> None:
-        pass
-
-    def step_ends(self, step: int, loss: float) -> None:
-        pass
-
-    def steps_end(self) -> None:
-        pass
-
-    def observe(self, vae, record: dict) -> None:
-        pass
 
     def epoch_ends(self, record: dict) -> None:
         self.function(record)

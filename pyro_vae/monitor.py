@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .callbacks import Callback
 from .elbo import ACTIVE_UNIT_THRESHOLD
 from .seeding import seeded
 
@@ -104,7 +105,7 @@ def _code(vae, x: torch.Tensor, q) -> torch.Tensor:
     return code(x) if code is not None else q.mean
 
 
-class Monitor:
+class Monitor(Callback):
     """Each finished epoch of :func:`~pyro_vae.train.fit`: a snapshot, and TensorBoard if asked.
 
     A :class:`~pyro_vae.callbacks.Callback`, as the console is: a context manager around the
@@ -163,17 +164,6 @@ class Monitor:
                 # keep the error that stopped training (often the same full disk)
         return False
 
-    def epoch_begins(self, epoch: int, step: int) -> None:
-        pass
-
-    def step_ends(self, step: int, loss: float) -> None:
-        pass
-
-    def steps_end(self) -> None:
-        pass
-
-    def epoch_ends(self, record: dict) -> None:
-        pass
 
     @torch.no_grad()
     def observe(self, vae, record: dict) -> None:
