@@ -34,6 +34,13 @@ DEFAULT_TRAINING_ESTIMATORS = ("mc", "analytic", "stl", "iwae:5", "iwae_dreg:5")
 # 32 bits of a seed, so these stay below 2**32: 65,536 seeds, each with 65,536 draws of its own.
 SEEDS_PER_CALL, GRADIENT_SEEDS = 2**16, 10_000
 
+#: Particles x images whose gradient graph is held at once: a gradient draw is accumulated over
+#: chunks of ``GRADIENT_CHUNK_ROWS // K`` images, so its memory is bounded by this setting, not
+#: by the batch or K. A flow guide scored by the path-derivative estimators keeps a network
+#: pass per latent dimension per row in the graph (the flow is inverted), which over a whole
+#: batch at K = 50 outgrew a 24 GB machine.
+GRADIENT_CHUNK_ROWS = 1024
+
 
 def parse_estimator(spec: str) -> tuple[str, int]:
     """``"iwae:50"`` -> ``("iwae", 50)``; ``"mc"`` -> ``("mc", 1)``."""
@@ -64,7 +71,7 @@ def _snr(samples: torch.Tensor) -> tuple[float | None, float | None]:
 
 def compare_estimators(vae, images: torch.Tensor, estimators=DEFAULT_ESTIMATORS, repeats: int = 5,
                        grad_samples: int = 20, grad_batch: int = 256, batch_size: int = 500,
-                       seed: int = 0) -> list[dict]:
+                       seed: int = 0, grad_chunk_rows: int = GRADIENT_CHUNK_ROWS) -> list[dict]:
     """Score each estimator on ``images`` as they are (already binarized if the model is).
 
     For each: the estimate in nats per image (mean over ``repeats`` passes over all images with
@@ -78,6 +85,11 @@ def compare_estimators(vae, images: torch.Tensor, estimators=DEFAULT_ESTIMATORS,
     device, so the caller's random state is left as it was). Every estimator gets the same
     seeds, so their differences are not blurred by different draws; ``seed = 0`` gives the
     numbers of earlier versions, and distinct seeds share no draw.
+
+    Memory is bounded by ``batch_size`` (the estimates, without gradients) and by
+    ``grad_chunk_rows`` (particles x images in one gradient graph; a draw's gradient is summed
+    over chunks of ``grad_chunk_rows // K`` images), whatever the number of images. Up to
+    ``grad_chunk_rows`` particles x images a draw is one chunk, as before chunks existed.
 
     :param seed: ``0 <= seed < 65536``; ``repeats <= 10_000`` and ``grad_samples <= 55_536``.
     """
@@ -94,7 +106,7 @@ def compare_estimators(vae, images: torch.Tensor, estimators=DEFAULT_ESTIMATORS,
         estimator = make_elbo(name, k)
         estimates = _estimates(vae, estimator, images, repeats, batch_size, seed)
         grads_encoder, grads_decoder, seconds = _gradient_draws(vae, estimator, images[:grad_batch], encoder, decoder,
-                                                                grad_samples, seed)
+                                                                grad_samples, seed, max(1, grad_chunk_rows // k))
         snr_encoder, var_encoder = _snr(grads_encoder)
         snr_decoder, var_decoder = _snr(grads_decoder)
         records.append({
@@ -126,16 +138,22 @@ def _estimates(vae, estimator, images: torch.Tensor, repeats: int, batch_size: i
 
 
 def _gradient_draws(vae, estimator, batch: torch.Tensor, encoder: list, decoder: list, grad_samples: int,
-                    seed: int) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+                    seed: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """``grad_samples`` draws of the per-image loss's gradient on ``batch``: the encoder's and
-    the decoder's parameters as ``(grad_samples, parameters)`` tensors, and each draw's seconds."""
+    the decoder's parameters as ``(grad_samples, parameters)`` tensors, and each draw's seconds.
+    Each draw sums the gradients of chunks of ``chunk`` images (the loss is a sum over images),
+    so only one chunk's graph is held at a time."""
     grads_encoder, grads_decoder, seconds = [], [], []
     n_encoder = sum(p.numel() for p in encoder)
+    params = encoder + decoder
     for sample in range(grad_samples):
         with seeded(SEEDS_PER_CALL * seed + GRADIENT_SEEDS + sample, batch.device):
             started = time.perf_counter()
-            loss = estimator.differentiable_loss(vae.model_body, vae.guide_body, batch) / len(batch)
-            grads = _flat_grads(loss, encoder + decoder) if encoder + decoder else torch.zeros(0)
+            grads = None
+            for i in range(0, len(batch), chunk):
+                loss = estimator.differentiable_loss(vae.model_body, vae.guide_body, batch[i : i + chunk]) / len(batch)
+                part = _flat_grads(loss, params) if params else torch.zeros(0)
+                grads = part if grads is None else grads + part
             seconds.append(time.perf_counter() - started)
         grads_encoder.append(grads[:n_encoder])
         grads_decoder.append(grads[n_encoder:])
