@@ -30,6 +30,7 @@ from .config import MAX_SEED, Config, ConfigError, from_dict, load_config, parse
 from .components import has_closed_form_kl, load_plugins
 from .compare import DEFAULT_ESTIMATORS, DEFAULT_TRAINING_ESTIMATORS
 from .data import DATA_ENV, DataError, DataNotFoundError, check_source, load_data, prepare
+from .datasets import DATASETS
 from .distributed import (DEVICES, DistributedError, is_communication_error, launched_world_size, resolve_device, setup,
                           teardown)
 from .elbo import evaluate
@@ -350,7 +351,20 @@ def _new_run(args) -> tuple[Path, Config, None, list[str]]:
     run_dir = Path(args.out) if args.out else Path("runs") / (Path(args.config).stem if args.config else "default")
     if (run_dir / CHECKPOINT_NAME).exists():
         raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+    _refuse_out_in_data(run_dir, config)
     return run_dir, config, None, plugins
+
+
+def _refuse_out_in_data(out: Path, config: Config) -> None:
+    """A run folder inside a folder of images would mix the run's files (its figures are PNGs)
+    with the data: the next read of the folder would take them for images, or refuse it."""
+    data = Path(config.data.dataset).expanduser()
+    if config.data.dataset in DATASETS or not data.is_dir():  # a torchvision name is read under --data-dir
+        return
+    data, where = data.resolve(), out.expanduser().resolve()
+    if where == data or data in where.parents:
+        raise ConfigError(f"--out {out}: inside the data folder {config.data.dataset} (data.dataset), where the run's "
+                          "files would mix with the images; choose an --out outside it")
 
 
 def _resumed_run(args) -> tuple[Path, Config, dict, list[str]]:
@@ -620,6 +634,7 @@ def _training_comparison_inputs(args):
     for spec in estimators:  # every variant must be a valid config before any trains
         name, k = compare.parse_estimator(spec)
         config.replace(**{"objective.elbo": name, "objective.num_particles": k})
+    _refuse_out_in_data(Path(args.out), config)
     splits = _run_data(config, args)
     check_data(config, splits)
     return config, splits, estimators, plugins
