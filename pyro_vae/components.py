@@ -59,8 +59,8 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from .contract import (ACCEPTS, MODEL_ARGUMENTS, OPTION_TYPES, ComponentError, ConfigError, check_name, check_part,
-                       model_arguments, option_bounds, options_of, refuse)
+# ComponentError and load_plugins are imported from here too (the package's top level, the CLI)
+from .contract import ComponentError, check_name, check_part, model_arguments, option_bounds, options_of, refuse
 from .guides import GUIDES, DiagonalGaussian
 from .likelihoods import LIKELIHOODS, likelihood_link
 from .networks import ARCHITECTURES, MLPEncoder

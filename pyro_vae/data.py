@@ -25,7 +25,7 @@ import torch
 from .config import DataConfig
 from .contract import ACCEPTS, ConfigError
 from .datasets import DATASETS, TorchvisionDataset, check_dataset_config, check_split_sizes
-from .sources import DataError, RawData, is_path_like, read_path
+from .sources import DataError, RawData, read_path
 
 __all__ = ["DataError", "DataNotFoundError", "ImageData", "Splits", "load_data", "load_splits", "from_tensors",
            "check_source", "check_likelihood_range", "binarize", "binarize_fast", "binarize_once",
