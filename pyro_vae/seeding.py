@@ -64,15 +64,16 @@ def preserved() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def probing(like: torch.Tensor | None = None) -> Iterator[None]:
-    """Run parts only to learn what they do (build a class, check shapes, derive a capability),
-    leaving no trace: no autograd graph, and a private random stream, since building draws
-    initial weights and running may sample, which must not move the caller's draws.
+def probing(like: torch.Tensor | torch.device | None = None) -> Iterator[None]:
+    """Run parts only to learn what they do (build a class, check shapes, derive a capability,
+    score data on the side), leaving no trace: no autograd graph, and a private random stream,
+    since building draws initial weights and running may sample, which must not move the
+    caller's draws.
 
-    :param like: a tensor on the device the parts run on; where it is an accelerator, that
-        device's generator is forked too. ``None``: the CPU only.
+    :param like: the device the parts run on, or a tensor on it; where it is an accelerator,
+        that device's generator is forked too. ``None``: the CPU only.
     """
-    device = torch.device("cpu") if like is None else like.device
+    device = torch.device("cpu") if like is None else like if isinstance(like, torch.device) else like.device
     devices = [device] if device.type != "cpu" else []
     # the type is named even for the CPU alone: see seeded()
     with torch.random.fork_rng(devices=devices, device_type=device.type), torch.no_grad():

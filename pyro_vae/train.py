@@ -44,7 +44,7 @@ from .likelihoods import LIKELIHOODS
 from .model import LATENT, VAE, build_vae, init_output_bias
 from .monitor import Monitor
 from .run_folder import METRICS_NAME, RunFolder
-from .seeding import preserved
+from .seeding import preserved, probing
 
 __all__ = ["METRICS_NAME", "FitResult", "TrainingDiverged", "beta_at", "check_data", "fit", "learning_rate",
            "make_optimizer", "peak_memory_mb", "reconciled_config", "resumed_config"]
@@ -469,9 +469,7 @@ def _numbers_blew_up(parts: _Parts, batch: torch.Tensor, beta: float) -> bool:
     """
     if not _parameters_finite(parts.vae):
         return True
-    forked = [parts.runtime.device] if parts.runtime.device.type == "cuda" else []
-    with (torch.no_grad(), pyro.validation_enabled(False), torch.random.fork_rng(devices=forked),
-          warnings.catch_warnings()):
+    with probing(parts.runtime.device), pyro.validation_enabled(False), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             loss = _batch_loss(parts.loss, parts, batch, beta)
@@ -569,8 +567,7 @@ def _validation_elbo(vae: VAE, images: torch.Tensor, runtime: Runtime) -> float:
     the validation work.
     """
     begin, end = shard_bounds(len(images), runtime.rank, runtime.world_size)
-    forked = [runtime.device] if runtime.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=forked):
+    with probing(runtime.device):
         total = mean_elbo(vae, images[begin:end]) * (end - begin) if end > begin else 0.0
     total, count = all_reduce_sum([total, float(end - begin)], runtime)
     return total / count
