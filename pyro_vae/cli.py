@@ -308,11 +308,12 @@ def _overrides(args) -> dict:
     return overrides
 
 
-def _first(images, limit: int, flag: str, dataset: str):
-    """The first ``limit`` test images (all for 0); more than there are is refused, not clipped."""
-    if limit > len(images):
-        raise ConfigError(f"{flag} {limit}: the test split of {dataset} has only {len(images)} images (0: all)")
-    return images[:limit] if limit else images
+def _first(test, limit: int, flag: str, dataset: str):
+    """The first ``limit`` test items (all for 0), still unread (an ``ImageData``: each command
+    reads them a batch at a time); more than there are is refused, not clipped."""
+    if limit > len(test):
+        raise ConfigError(f"{flag} {limit}: the test split of {dataset} has only {len(test)} images (0: all)")
+    return test.head(limit) if limit else test
 
 
 def _train(args) -> int:
@@ -445,7 +446,7 @@ def _evaluate(args) -> int:
         raise ConfigError(str(error)) from None
     vae, config, test = _trained_and_test(args)
     vae.to(device)
-    images = _first(test.images, args.limit, "--limit", config.data.dataset)
+    images = _first(test, args.limit, "--limit", config.data.dataset)
     started = time.perf_counter()
     compiled = {"auto": None, "on": True, "off": False}[args.compile]
     result = evaluate(vae, images, num_samples=args.num_samples, progress=not args.quiet, seed=args.seed,
@@ -477,13 +478,14 @@ def _evaluated_how(config, args, seconds: float) -> dict:
 
 
 def _plot(args) -> int:
-    from .plotting import make_figures
+    from .plotting import LATENT_POINTS, make_figures
 
     vae, _, test = _trained_and_test(args)
     metrics = Path(args.run_dir) / METRICS_NAME
     history = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     try:
-        figures = make_figures(vae, test.images, test.labels, history, embedding=args.embedding)
+        shown = test.head(LATENT_POINTS)  # the most any figure reads: only these are read
+        figures = make_figures(vae, shown.images, shown.labels, history, embedding=args.embedding)
     except ImportError as error:  # t-SNE without scikit-learn
         raise ConfigError(f"--embedding {args.embedding}: {error}") from None
     for name, figure in figures.items():
@@ -565,7 +567,7 @@ def _compare_elbo(args) -> int:
         raise ConfigError("compare-elbo needs RUN_DIR, a trained run; compare-training trains one run per estimator")
     vae, config, test = _trained_and_test(args)
     estimators = _usable_on(vae, config, estimators)
-    images = _first(test.images, args.limit, "--limit", config.data.dataset)
+    images = _first(test, args.limit, "--limit", config.data.dataset)
     records = compare.compare_estimators(vae, images, estimators, repeats=args.repeats, grad_samples=args.grad_samples)
     stem = Path(args.run_dir) / "elbo_comparison"
     _write_records(records, stem)

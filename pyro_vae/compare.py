@@ -171,7 +171,7 @@ def train_side_by_side(config, splits, out_dir, estimators=DEFAULT_TRAINING_ESTI
     Training draws with ``config.train.seed``, evaluation (:func:`~pyro_vae.elbo.evaluate`)
     with ``seed``; the caller's random state (torch, Python's and NumPy's) is left as it was.
     """
-    test = prepare(splits.test, config.data.binarize).images
+    test = prepare(splits.test, config.data.binarize)
     records, histories = [], {}
     for spec in estimators:
         name, k = parse_estimator(spec)

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,28 +69,127 @@ def resolve_data_dir(flag: str | Path | None = None) -> tuple[Path, bool]:
     return DEFAULT_DATA_DIR, True
 
 
+#: Values converted to float at once when a whole split is read, scanned or binarized in
+#: pieces: 16 Mi values, 64 MB as float32, whatever the size of the data.
+CHUNK_VALUES = 2**24
+
+
 @dataclass(frozen=True)
 class ImageData:
-    """Data items with optional labels. ``images``: float ``(N, C, H, W)`` images or
-    ``(N, D)`` vectors; ``labels``: ``int64`` ``(N,)`` class indices, or ``None``."""
+    """Items of one split, with optional labels, held as the data stores them.
 
-    images: torch.Tensor
+    ``values`` holds the items of the source, ``(M, C, H, W)`` images or ``(M, D)`` vectors,
+    in the type they were read in (``uint8`` stays ``uint8``: a quarter of float32's bytes)
+    and often memory-mapped from a file, so that no split is a copy. ``rows`` says which of
+    them this split is, in its order (``None``: all; a ``slice``; or an index tensor).
+    Indexing (``data[i:j]``, ``data[index_tensor]``) reads just those items as float32, the
+    form a model sees: ``uint8`` divided by ``max_value`` (255 by default: grey values in
+    [0, 1]), then standardized where ``standardized`` holds a ``(mean, scale)`` pair.
+
+    :attr:`images` reads the whole split as one float tensor, for small data and interactive
+    use; the training loop, :func:`~pyro_vae.elbo.evaluate` and the commands index batches.
+    ``labels`` are ``int64`` ``(N,)`` class indices of this split's items, or ``None``.
+    """
+
+    values: torch.Tensor
     labels: torch.Tensor | None = None
+    rows: torch.Tensor | slice | None = None
+    #: the stored value that means 1.0 (``None``: 255 for ``uint8``, else 1)
+    max_value: float | None = None
+    standardized: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        if self.rows is None:
+            return self.values.shape[0]
+        if isinstance(self.rows, slice):
+            return self.rows.stop - self.rows.start
+        return len(self.rows)
 
     @property
     def image_shape(self) -> tuple[int, ...]:
         """The shape of one item: ``(C, H, W)`` or ``(D,)``."""
-        return tuple(self.images.shape[1:])
+        return tuple(self.values.shape[1:])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``(N, *image_shape)``, the shape of :attr:`images` (without reading them)."""
+        return (len(self), *self.image_shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def images(self) -> torch.Tensor:
+        """The whole split as one float32 tensor (read now: 4 bytes a value)."""
+        return self[0 : len(self)]
+
+    def __getitem__(self, key: slice | torch.Tensor) -> torch.Tensor:
+        """The items at ``key`` (a slice of step 1, or a 1-D integer tensor of positions in
+        this split) as float32, as the model sees them."""
+        return self._as_float(self._stored(key))
+
+    def chunks(self, max_values: int = CHUNK_VALUES):
+        """``(begin, end)`` bounds of consecutive pieces of about ``max_values`` values each."""
+        per_item = max(1, math.prod(self.image_shape))
+        step = max(1, max_values // per_item)
+        return [(begin, min(begin + step, len(self))) for begin in range(0, len(self), step)]
 
     def head(self, n: int) -> "ImageData":
-        return ImageData(self.images[:n], None if self.labels is None else self.labels[:n])
+        """The first ``n`` items (no copy)."""
+        return self.part(0, min(n, len(self)))
 
-    def take(self, index: torch.Tensor) -> "ImageData":
-        """The items at ``index`` (a 1-D integer tensor), in its order, as new contiguous tensors."""
-        return ImageData(self.images[index], None if self.labels is None else self.labels[index])
+    def part(self, begin: int, end: int) -> "ImageData":
+        """Items ``begin`` to ``end`` (no copy)."""
+        return self.take(slice(begin, end))
+
+    def take(self, index: torch.Tensor | slice) -> "ImageData":
+        """The items at ``index`` (positions in this split: a 1-D integer tensor, or a slice of
+        step 1), in its order. Copies no values, only the index and the labels."""
+        if isinstance(index, slice):
+            begin, end, step = index.indices(len(self))
+            if step != 1:
+                raise ValueError("take: a slice of step 1")
+            index = slice(begin, max(begin, end))
+        labels = None if self.labels is None else self.labels[index]
+        return dataclasses.replace(self, rows=self._rows_at(index), labels=labels)
+
+    def _rows_at(self, index: torch.Tensor | slice) -> torch.Tensor | slice:
+        """Rows of ``values`` at positions ``index`` of this split."""
+        if self.rows is None:
+            return index
+        if isinstance(self.rows, slice):
+            if isinstance(index, slice):
+                return slice(self.rows.start + index.start, self.rows.start + index.stop)
+            return index + self.rows.start
+        return self.rows[index]
+
+    def _stored(self, key: torch.Tensor | slice) -> torch.Tensor:
+        """The stored values of the items at ``key``, as stored."""
+        if isinstance(key, slice):
+            begin, end, step = key.indices(len(self))
+            if step != 1:
+                raise ValueError("ImageData: a slice of step 1")
+            key = slice(begin, max(begin, end))
+        rows = self._rows_at(key)
+        if isinstance(rows, slice):
+            return self.values[rows]
+        # in increasing row order, then put back in place: a memory-mapped file is then read
+        # forwards, which a disk serves far faster than the same pages at random
+        ordered, where = rows.sort()
+        out = torch.empty((len(rows), *self.image_shape), dtype=self.values.dtype)
+        out[where] = self.values[ordered]
+        return out
+
+    def _as_float(self, stored: torch.Tensor) -> torch.Tensor:
+        x = stored.to(torch.float32)
+        top = self.max_value if self.max_value is not None else 255.0 if stored.dtype == torch.uint8 else 1.0
+        if top != 1.0:
+            x = x.div_(top) if x is not stored else x / top
+        if self.standardized is not None:
+            mean, scale = self.standardized
+            x = (x - mean) / scale
+        return x
 
 
 @dataclass(frozen=True)
@@ -132,33 +232,49 @@ def _missing(root: Path, spec: TorchvisionDataset, tried_download: bool = False)
     return DataNotFoundError(f"dataset files not found in {where}/ (expected {', '.join(spec.files)}); {how}")
 
 
+def _fingerprint_rows(values: torch.Tensor) -> int:
+    """Rows hashed at once: :data:`CHUNK_VALUES` values, so hashing a file larger than memory
+    holds only one piece of it at a time."""
+    return max(1, CHUNK_VALUES // max(1, math.prod(values.shape[1:])))
+
+
 def fingerprint(*parts: RawData) -> str:
     """SHA-256 (hex) of the values and labels of ``parts``, with their types and shapes:
     the same bytes read give the same string; one changed value, another shape or other labels
-    give another. One pass over the bytes, cheap beside reading them (docs/results.md has the
-    time for MNIST)."""
+    give another. One streamed pass over the bytes, piece by piece, so a memory-mapped file is
+    hashed without being held in memory (about 1.4 GB/s here: docs/results.md).
+
+    Values of a type other than ``uint8`` are hashed as float32, the type they were converted
+    to up front before files were memory-mapped, so a run's recorded fingerprint still matches."""
     digest = hashlib.sha256()
     for part in parts:
-        for tensor in (part.values, part.labels):
-            if tensor is None:
-                digest.update(b"no labels;")
-                continue
-            digest.update(f"{tensor.dtype}{tuple(tensor.shape)};".encode())
-            digest.update(tensor.contiguous().numpy())  # the buffer itself: no copy
+        values = part.values
+        hashed_as = values.dtype if values.dtype in (torch.uint8, torch.float32) else torch.float32
+        digest.update(f"{hashed_as}{tuple(values.shape)};".encode())
+        step = _fingerprint_rows(values)
+        for begin in range(0, values.shape[0], step):
+            digest.update(values[begin : begin + step].to(hashed_as).contiguous().numpy())
+        if part.labels is None:
+            digest.update(b"no labels;")
+        else:
+            digest.update(f"{part.labels.dtype}{tuple(part.labels.shape)};".encode())
+            digest.update(part.labels.contiguous().numpy())
     return digest.hexdigest()
 
 
 def _as_float(raw: RawData, where: str) -> ImageData:
-    """``uint8`` as 0..255 -> [0, 1]; floats as they are. :class:`DataError` for NaN or inf."""
-    values = raw.values
-    if values.dtype == torch.uint8:
-        return ImageData(values.to(torch.float32).div_(255.0), raw.labels)
-    finite = torch.isfinite(values).flatten(1).all(1)
-    if not finite.all():
-        bad = (~finite).nonzero().flatten()
+    """The items as the model will see them: ``uint8`` as 0..255 -> [0, 1], other numbers as
+    float32, both converted one batch at a time (nothing is converted here).
+    :class:`DataError` for NaN or inf, found by one streamed pass over float values."""
+    data = ImageData(raw.values, raw.labels)
+    if raw.values.dtype == torch.uint8:
+        return data
+    bad = torch.cat([(~torch.isfinite(raw.values[begin:end]).flatten(1).all(1)).nonzero().flatten() + begin
+                     for begin, end in data.chunks()])
+    if len(bad):
         raise DataError(f"{where}: {len(bad)} items hold NaN or infinite values (the first is item {bad[0].item()}); "
                         "remove or replace them")
-    return ImageData(values.to(torch.float32), raw.labels)
+    return data
 
 
 def _split_by_fraction(data: ImageData, config: DataConfig, where: str) -> tuple[ImageData, ImageData, ImageData]:
@@ -178,16 +294,22 @@ def _split_by_fraction(data: ImageData, config: DataConfig, where: str) -> tuple
                           f"training items of {where} left after data.val_fraction and data.test_fraction")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(config.split_seed))
     test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
-    return data.take(train), data.take(val), data.take(test)
+    return data.take(train), data.take(val), data.take(test)  # index tensors: no value is copied
 
 
 def _standardize(train: ImageData, *others: ImageData) -> list[ImageData]:
     """Every split minus the training split's per-feature mean, over its per-feature standard
-    deviation (features below :data:`MIN_STD` are only centred)."""
-    mean = train.images.mean(0)
-    std = train.images.std(0, correction=0)
+    deviation (features below :data:`MIN_STD` are only centred), applied as each batch is read.
+    The statistics are summed in float64 over pieces of the training split (two passes: the
+    mean, then the squared deviations from it), so no split is converted whole."""
+    pieces = train.chunks()
+    total = sum(train[b:e].to(torch.float64).sum(0) for b, e in pieces)
+    mean = total / len(train)
+    squares = sum((train[b:e].to(torch.float64) - mean).square().sum(0) for b, e in pieces)
+    std = (squares / len(train)).sqrt()
     scale = torch.where(std < MIN_STD, torch.ones_like(std), std)
-    return [ImageData(((d.images - mean) / scale).contiguous(), d.labels) for d in (train, *others)]
+    stats = (mean.to(torch.float32), scale.to(torch.float32))
+    return [dataclasses.replace(d, standardized=stats) for d in (train, *others)]
 
 
 def load_data(data: DataConfig, data_dir: str | Path | None = None, dataset: str | None = None) -> Splits:
@@ -219,7 +341,7 @@ def load_data(data: DataConfig, data_dir: str | Path | None = None, dataset: str
         parts, kind, path = (raw_train, raw_test), "torchvision", None
         full_train, test = _as_float(raw_train, spec), _as_float(raw_test, spec)
         n_train = len(full_train) - data.val_size
-        train, val = full_train.head(n_train), ImageData(full_train.images[n_train:], full_train.labels[n_train:])
+        train, val = full_train.head(n_train), full_train.part(n_train, len(full_train))
     else:
         path = Path(os.path.abspath(Path(spec).expanduser()))
         raw = read_path(path, data.image_size)
@@ -311,10 +433,30 @@ def check_source(recorded: dict, splits: Splits) -> None:
                         f"data it trained on ({where}), e.g. with --data")
 
 
-def check_likelihood_range(images: torch.Tensor, accepts: str, binarize: str, likelihood: str) -> None:
+def _value_summary(data: ImageData, binary_too: bool) -> tuple[float, float, bool]:
+    """``(low, high, binary)`` of the values a model sees of ``data``, in one streamed pass.
+    ``binary``: every value is 0 or 1 (only worked out when ``binary_too``). Stored bytes are
+    scanned as bytes, which is several times faster than converting them to floats first."""
+    low, high, binary = math.inf, -math.inf, True
+    raw = data.values.dtype == torch.uint8 and data.standardized is None
+    top = (data.max_value or 255.0) if raw else 1.0
+    scanned = ImageData(data.values) if raw and data.rows is not None else data
+    for begin, end in scanned.chunks():
+        # a split of a store is a subset of it: scanning the store in its own order reads the
+        # file forwards, and a value outside the range anywhere in the data is worth refusing
+        piece = scanned._stored(slice(begin, end)) if raw else scanned[begin:end]
+        lo, hi = (v.item() for v in torch.aminmax(piece.detach()))
+        low, high = min(low, lo), max(high, hi)
+        if binary_too and binary:
+            binary = bool(((piece == 0) | (piece == top)).all())
+    return low / top, high / top, binary
+
+
+def check_likelihood_range(images: torch.Tensor | ImageData, accepts: str, binarize: str, likelihood: str) -> None:
     """Refuse (:class:`DataError`) data outside what ``likelihood`` is defined on.
 
-    :param images: the data, any shape.
+    :param images: the data, any shape: a tensor of values as the model sees them, or an
+        :class:`ImageData` (whose whole store is scanned when it is bytes).
     :param accepts: the likelihood's ``accepts``, one of :data:`pyro_vae.contract.ACCEPTS`:
         ``"binary"`` (values in {0, 1}, or in [0, 1] when ``binarize`` is not ``"none"``),
         ``"unit_interval"`` ([0, 1]) or ``"real"`` (any finite value).
@@ -324,7 +466,12 @@ def check_likelihood_range(images: torch.Tensor, accepts: str, binarize: str, li
     """
     if accepts not in ACCEPTS:  # a registered likelihood was checked; a hand-built one may say anything
         raise ValueError(f"accepts = {accepts!r}: expected one of {list(ACCEPTS)}")
-    low, high = (v.item() for v in torch.aminmax(images.detach()))
+    data = images if isinstance(images, ImageData) else ImageData(images, max_value=1.0)
+    needs_bits = accepts == "binary" and binarize == "none"
+    grey_bytes = data.values.dtype == torch.uint8 and data.standardized is None and data.max_value in (None, 255.0)
+    if grey_bytes and not needs_bits:  # bytes over 255 lie in [0, 1]: nothing to scan (a large file starts at once)
+        return
+    low, high, binary = _value_summary(data, binary_too=needs_bits)
     found = f"the data range is {low:.4g}..{high:.4g}"
     if not (math.isfinite(low) and math.isfinite(high)):
         raise DataError(f"{found}: the data hold NaN or infinite values; remove or replace them")
@@ -333,7 +480,7 @@ def check_likelihood_range(images: torch.Tensor, accepts: str, binarize: str, li
     if binarize != "none" and not in_unit:
         raise DataError(f"data.binarize = {binarize!r} draws bits with the values as probabilities, but {found}, "
                         f"outside [0, 1]; set data.binarize = 'none' and {real}")
-    if accepts == "binary" and binarize == "none" and not bool(((images == 0) | (images == 1)).all()):
+    if accepts == "binary" and binarize == "none" and not binary:
         fix = ("set data.binarize = 'dynamic' or 'static', or choose a likelihood for values in [0, 1] such as "
                "'continuous_bernoulli'") if in_unit else real
         raise DataError(f"likelihood {likelihood!r} needs binary values (0 or 1), but {found} with values in "
@@ -352,19 +499,34 @@ def binarize(images: torch.Tensor, generator: torch.Generator | None = None) -> 
     return torch.bernoulli(images, generator=generator)
 
 
-def binarize_fast(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def binarize_fast(images: torch.Tensor, generator: torch.Generator | None = None, of: tuple[int, int] | None = None
+                  ) -> torch.Tensor:
     """The same distribution as :func:`binarize` (pixel = 1 with probability its grey value),
     drawn as ``uniform < grey``, which took half the time of ``torch.bernoulli`` on MNIST
     (measured for issue #12; docs/results.md), and it runs for every batch of a dynamically
-    binarized run. The draws differ from :func:`binarize`'s for the same generator."""
-    uniform = torch.rand(images.shape, generator=generator, dtype=images.dtype, device=images.device)
-    return (uniform < images).to(images.dtype)
+    binarized run. The draws differ from :func:`binarize`'s for the same generator.
+
+    :param of: ``(begin, total)`` when ``images`` are items ``begin`` on of a batch of
+        ``total``: the uniforms of the whole batch are drawn and this part's taken, so a
+        rank that reads only its shard binarizes it exactly as the whole batch would be.
+    """
+    begin, total = (0, len(images)) if of is None else of
+    uniform = torch.rand((total, *images.shape[1:]), generator=generator, dtype=images.dtype, device=images.device)
+    return (uniform[begin : begin + len(images)] < images).to(images.dtype)
 
 
 def binarize_once(data: ImageData, seed: int = EVAL_BINARIZATION_SEED) -> ImageData:
-    """A seeded, fixed binarization (static binarization; held-out data of binarized runs)."""
+    """A seeded, fixed binarization (static binarization; held-out data of binarized runs).
+
+    Drawn piece by piece and kept as bits in bytes (a quarter of float32's memory). CPU
+    Bernoulli draws are taken one value after another from the generator, so the pieces give
+    the very bits one draw over the whole split gives (a test keeps this true): the held-out
+    images every earlier evaluation scored."""
     generator = torch.Generator().manual_seed(seed)
-    return ImageData(binarize(data.images, generator), data.labels)
+    bits = torch.empty(data.shape, dtype=torch.uint8)
+    for begin, end in data.chunks():
+        bits[begin:end] = binarize(data[begin:end], generator)
+    return ImageData(bits, data.labels, max_value=1.0)
 
 
 def prepare(data: ImageData, binarization: str, seed: int = EVAL_BINARIZATION_SEED) -> ImageData:
@@ -372,20 +534,30 @@ def prepare(data: ImageData, binarization: str, seed: int = EVAL_BINARIZATION_SE
     return data if binarization == "none" else binarize_once(data, seed)
 
 
+def whole(size: int) -> tuple[int, int]:
+    """The part of a batch of ``size`` items one process trains on alone: all of it."""
+    return 0, size
+
+
 def iterate_batches(
-    images: torch.Tensor,
+    images: torch.Tensor | ImageData,
     batch_size: int,
     generator: torch.Generator,
     dynamic: bool,
     order: torch.Tensor,
     start: int = 0,
+    shard: Callable[[int], tuple[int, int]] = whole,
 ):
-    """Yield ``(step, batch)`` over one epoch: slices of a seeded permutation.
+    """Yield ``(step, batch)`` over one epoch: the items of a seeded permutation, a batch at a time.
 
     ``order`` is the epoch's permutation of the images (``torch.randperm``); with
     ``dynamic=True`` every batch is freshly binarized from ``generator``. ``start`` lets an
-    interrupted epoch continue at the step where it stopped.
+    interrupted epoch continue at the step where it stopped. ``shard(n)`` gives the
+    ``(begin, end)`` part of a batch of ``n`` this process trains on: only those items are
+    read (converted to float and binarized), the batch's other items are other ranks' to read.
     """
-    for step, begin in enumerate(range(start * batch_size, images.shape[0], batch_size), start):
-        batch = images[order[begin : begin + batch_size]]
-        yield step, binarize_fast(batch, generator) if dynamic else batch
+    for step, begin in enumerate(range(start * batch_size, len(images), batch_size), start):
+        rows = order[begin : begin + batch_size]
+        first, last = shard(len(rows))
+        batch = images[rows[first:last]]
+        yield step, binarize_fast(batch, generator, of=(first, len(rows))) if dynamic else batch

@@ -213,7 +213,7 @@ def evaluate(vae, images: torch.Tensor, num_samples: int = 1000, batch_size: int
     bar = tqdm(total=len(images), desc=f"evaluate K={num_samples}", unit="img", disable=not progress)
     device = _device_of(vae)
     if compiled is None:
-        compiled = device.type == "cpu" and num_samples * images.numel() >= FUSE_MIN_ELEMENTS
+        compiled = device.type == "cpu" and num_samples * math.prod(images.shape) >= FUSE_MIN_ELEMENTS
     with seeded(seed, device), fused_log_prob(compiled):
         for start in range(0, len(images), batch_size):
             x = images[start : start + batch_size].to(device)

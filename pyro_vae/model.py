@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 
 import pyro
 import pyro.distributions as dist
@@ -229,6 +230,8 @@ def _build_guide(model_config) -> nn.Module:
 #: Mean pixels are clipped to [c, 1 - c] before their logit, so that a pixel that is never (or
 #: always) on in the training data starts at a logit of -6.9 (6.9), not at minus (plus) infinity.
 OUTPUT_BIAS_CLIP = 1e-3
+#: Values converted to float64 at once while the mean training datum is summed (128 MB).
+MEAN_PIECE_VALUES = 2**24
 
 
 @torch.no_grad()
@@ -249,7 +252,8 @@ def init_output_bias(vae: VAE, images: torch.Tensor) -> torch.Tensor:
 
     :param vae: a VAE whose decoder has an ``output_bias`` property (the parameter to set).
     :param images: the training data as the model sees it, ``(N, *image_shape)`` (grey values
-        for dynamic binarization: their mean is the binary pixels' expected mean).
+        for dynamic binarization: their mean is the binary pixels' expected mean): a tensor,
+        or anything of that shape whose slices are tensors, such as an ``ImageData``.
     :returns: the bias set.
     :raises ConfigError: the decoder has no output bias, or the likelihood's link is neither
         of the two above (:func:`pyro_vae.config.validate` refuses such configs first).
@@ -263,7 +267,10 @@ def init_output_bias(vae: VAE, images: torch.Tensor) -> torch.Tensor:
     if link is None:
         raise ConfigError(f"model.init_output_bias: the mean of likelihood {type(vae.likelihood).__qualname__} is "
                           "neither sigmoid(features) nor the features themselves")
-    mean = images.to(torch.float64).mean(0)
+    # summed in float64 a piece at a time: ``images`` may be a split read batch by batch
+    # (:class:`~pyro_vae.data.ImageData`), which is never converted whole
+    rows = max(1, MEAN_PIECE_VALUES // max(1, math.prod(image_shape)))
+    mean = sum(images[b : b + rows].to(torch.float64).sum(0) for b in range(0, len(images), rows)) / len(images)
     if bias.numel() == mean.numel():
         target = mean.reshape(bias.shape)
     elif len(image_shape) == 3 and tuple(bias.shape) == image_shape[:1]:  # one bias per channel

@@ -140,7 +140,7 @@ class Monitor(Callback):
         self.start_epoch = start_epoch
         self._summary_writer = require_tensorboard() if tensorboard else None
         self._writer = None
-        if val_images.dim() == 2:  # vectors (N, D), not images (N, C, H, W)
+        if len(val_images.shape) == 2:  # vectors (N, D), not images (N, C, H, W)
             self.snapshots = None
         elif snapshots is not None:
             self.snapshots = {"inputs": snapshots["inputs"], "frames": list(snapshots["frames"])}

@@ -266,6 +266,10 @@ def plot_latent_traversals(vae, image: torch.Tensor, dims, scores=None, what: st
     return fig
 
 
+#: Held-out items the latent-space figure encodes at most: a dense scatter, in a second or two.
+LATENT_POINTS = 5000
+
+
 @torch.no_grad()
 def make_figures(vae, images: torch.Tensor, labels: torch.Tensor | None, history: list[dict],
                  seed: int = 0, embedding: str = "pca", traversal_dims: int = 10, objective=None) -> dict[str, Figure]:
@@ -295,7 +299,7 @@ def make_figures(vae, images: torch.Tensor, labels: torch.Tensor | None, history
             "reconstructions": plot_reconstructions(images[:12], vae.reconstruct(images[:12])),
             "samples": plot_image_grid(samples, "samples: mean of p(x|z), z ~ p(z)"),
         }
-    z_loc = torch.cat([vae.code(images[i : i + 1000]) for i in range(0, min(len(images), 5000), 1000)])
+    z_loc = torch.cat([vae.code(images[i : i + 1000]) for i in range(0, min(len(images), LATENT_POINTS), 1000)])
     shown = None if labels is None else labels[: len(z_loc)]
     if z_loc.shape[1] == 2:
         figures["latent_space"] = plot_latent_scatter(z_loc, shown, "latent means E[z|x] of test images")

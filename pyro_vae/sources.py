@@ -23,7 +23,10 @@ Layouts:
 
 from __future__ import annotations
 
+import math
 import os
+import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +38,8 @@ ARRAY_SUFFIXES = (".npy", ".npz", ".pt")
 #: Keys of an .npz archive or a .pt dict, in the order they are looked for.
 IMAGE_KEYS = ("images", "x")
 LABEL_KEYS = ("labels", "y")
+#: Bytes of a zip member's local header before its name (the zip format's fixed part).
+_LOCAL_HEADER_SIZE = 30
 #: PIL modes read as one grey channel; 16-bit ("I;16", "I") and float ("F") are refused.
 _GREY_MODES = {"1", "L", "LA"}
 _DEEP_MODES = ("I", "F")
@@ -205,12 +210,15 @@ def _load(path: Path):
                 return _pick(loaded, IMAGE_KEYS, path, True), _pick(loaded, LABEL_KEYS, path, False)
             raise DataError(f"{path} holds a {type(loaded).__name__}; expected a tensor, or a dict with "
                             f"{IMAGE_KEYS[0]!r} (or {IMAGE_KEYS[1]!r}) and optional {LABEL_KEYS[0]!r} (or {LABEL_KEYS[1]!r})")
-        loaded = np.load(path, allow_pickle=False)  # no pickled objects: loading runs no code
-        if isinstance(loaded, np.ndarray):
-            return loaded, None
-        with loaded:  # an .npz archive: read the arrays before it closes
-            values, labels = _pick(loaded, IMAGE_KEYS, path, True), _pick(loaded, LABEL_KEYS, path, False)
-            return np.asarray(values), None if labels is None else np.asarray(labels)
+        if path.suffix.lower() == ".npy":
+            return _mapped_npy(path), None
+        with zipfile.ZipFile(path) as archive:  # an .npz archive: a zip file of .npy files
+            members = {name[: -len(".npy")]: info for info in archive.infolist()
+                       if (name := info.filename).endswith(".npy")}
+            values = _pick(members, IMAGE_KEYS, path, True)
+            labels = _pick(members, LABEL_KEYS, path, False)
+            return (_npz_member(path, archive, values),
+                    None if labels is None else np.asarray(_npz_member(path, archive, labels)))
     except DataError:
         raise
     except OSError as error:
@@ -220,12 +228,70 @@ def _load(path: Path):
         raise DataError(f"{path} is not a valid {path.suffix.lower()} file ({reason})") from None
 
 
+def _truncated(path: Path, header: int, dtype: np.dtype, shape: tuple, available: int) -> DataError | None:
+    """A refusal if an array of ``shape`` and ``dtype`` whose data start ``header`` bytes into
+    ``available`` bytes needs more than they hold."""
+    needed, held = math.prod(shape) * dtype.itemsize, max(0, available - header)
+    if needed <= held:
+        return None
+    return DataError(f"{path} is truncated: its header promises an array of shape {shape} and type {dtype}, "
+                     f"{needed:,} bytes of data, but the file holds {held:,}; write the file again")
+
+
+def _map(path: Path, file, offset: int, available: int) -> np.ndarray:
+    """The array whose .npy header starts at the position of ``file``, memory-mapped from
+    ``path``: its pages are read when a batch touches them, and copied only if written to
+    (``mode="c"``, so that torch can wrap it without a warning for a read-only array)."""
+    version = np.lib.format.read_magic(file)
+    # format 1.0 has a 2-byte header length, 2.0 and 3.0 (UTF-8 field names) a 4-byte one
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(file)
+    if dtype.hasobject:
+        raise DataError(f"{path} holds Python objects; store numbers (integers or floats)")
+    data_offset = file.tell()
+    truncated = _truncated(path, data_offset - offset, dtype, shape, available)
+    if truncated is not None:
+        raise truncated
+    if math.prod(shape) == 0:  # an empty array cannot be mapped; _as_items refuses it by its shape
+        return np.empty(shape, dtype)
+    order = "F" if fortran_order else "C"
+    return np.memmap(path, dtype=dtype, mode="c", offset=data_offset, shape=shape, order=order)
+
+
+def _mapped_npy(path: Path) -> np.ndarray:
+    with open(path, "rb") as file:
+        return _map(path, file, 0, path.stat().st_size)
+
+
+def _npz_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    """One array of an .npz archive: memory-mapped where it is stored uncompressed
+    (``numpy.savez``), read whole where it is compressed (``numpy.savez_compressed``), as a
+    compressed member cannot be read at random."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        with archive.open(info) as member:
+            return np.lib.format.read_array(member, allow_pickle=False)
+    with open(path, "rb") as file:
+        # the member's data follow its local header: 30 bytes, then its name and extra field,
+        # whose lengths the local header itself gives (they may differ from the directory's)
+        file.seek(info.header_offset)
+        header = file.read(_LOCAL_HEADER_SIZE)
+        if len(header) < _LOCAL_HEADER_SIZE or header[:4] != b"PK\x03\x04":
+            raise DataError(f"{path}: the archive's member {info.filename} is damaged; write the file again")
+        name_length, extra_length = struct.unpack("<HH", header[26:30])
+        start = info.header_offset + _LOCAL_HEADER_SIZE + name_length + extra_length
+        file.seek(start)
+        available = min(info.file_size, max(0, path.stat().st_size - start))
+        return _map(path, file, start, available)
+
+
 def _as_tensor(array, path: Path, what: str) -> torch.Tensor:
     """A NumPy array or tensor of real numbers (bool, integers, floats) as a tensor of its type."""
     if isinstance(array, np.ndarray):
         if array.dtype.kind not in "biuf":
             raise DataError(f"{path}: the {what} are of type {array.dtype}; expected numbers (integers or floats)")
-        array = torch.from_numpy(np.ascontiguousarray(array))
+        if not array.dtype.isnative:  # torch reads only the machine's byte order: a copy, once
+            array = array.astype(array.dtype.newbyteorder("="))
+        array = torch.from_numpy(array)  # shares the memory (a mapped file stays mapped)
     if not isinstance(array, torch.Tensor):
         raise DataError(f"{path}: the {what} are a {type(array).__name__}; expected an array or a tensor")
     if array.is_complex():
@@ -260,7 +326,5 @@ def read_array(path: str | Path) -> RawData:
     """Read an ``.npy``, ``.npz`` or ``.pt`` file (see the module's docstring)."""
     path = Path(path)
     values, labels = _load(path)
-    values = _as_tensor(values, path, "values")
-    values = values if values.dtype == torch.uint8 else values.to(torch.float32)  # uint8 means 0..255
-    values = _as_items(values, path).contiguous()
+    values = _as_items(_as_tensor(values, path, "values"), path)  # in the file's type; uint8 means 0..255
     return RawData(values, None if labels is None else _as_labels(labels, len(values), path))

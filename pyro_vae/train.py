@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .callbacks import CallbackList, Console, RecordCallback
 from .checkpoint import BUILT_BY_HAND, BUILT_FROM_CONFIG, training_state
 from .config import Config, from_dict
-from .data import Splits, binarize_once, check_likelihood_range, iterate_batches, prepare
+from .data import ImageData, Splits, binarize_once, check_likelihood_range, iterate_batches, prepare
 from .distributed import (ELBOLoss, Runtime, SharedNoise, all_reduce_sum, current_runtime, data_parallel, local_part,
                           shard_bounds)
 from .elbo import make_elbo, mean_elbo
@@ -148,11 +148,11 @@ class FitResult:
     completed: bool = True
 
 
-def _training_images(config: Config, splits: Splits) -> torch.Tensor:
+def _training_images(config: Config, splits: Splits) -> ImageData:
     train = splits.train.head(config.data.train_limit) if config.data.train_limit else splits.train
     if config.data.binarize == "static":
-        return binarize_once(train, seed=config.train.seed).images
-    return train.images
+        return binarize_once(train, seed=config.train.seed)
+    return train
 
 
 def fit(
@@ -253,8 +253,9 @@ class _Parts:
     optimizer: torch.optim.Optimizer
     #: the data's stream: each epoch's order of the images, and their dynamic binarization
     generator: torch.Generator
-    images: torch.Tensor
-    val_images: torch.Tensor
+    #: the training and validation items, read a batch at a time
+    images: ImageData
+    val_images: ImageData
     image_shape: tuple
     #: where the data came from, as the checkpoint records it
     source: dict
@@ -318,7 +319,7 @@ def _prepare(config: Config, splits: Splits, device, vae: VAE | None, built: str
     images = _training_images(config, splits)
     if built == BUILT_FROM_CONFIG and config.model.init_output_bias:
         init_output_bias(vae, images)  # from the data it trains on (Burda et al. 2015); draws nothing
-    val_images = prepare(splits.val, config.data.binarize).images
+    val_images = prepare(splits.val, config.data.binarize)
     vae = vae.to(runtime.device)
     optimizer = make_optimizer(vae.parameters(), config.train.lr)
     loss = ELBOLoss(vae, make_elbo(config.objective.elbo, config.objective.num_particles))
@@ -392,12 +393,14 @@ def _train_epoch(parts: _Parts, loop: _Loop, beta: float, callbacks: CallbackLis
     started = time.perf_counter()
     stopping = False
     dynamic = parts.config.data.binarize == "dynamic"
-    batches = iterate_batches(parts.images, parts.config.train.batch_size, parts.generator, dynamic, loop.order,
-                              loop.step)
+    batch_size, runtime = parts.config.train.batch_size, parts.runtime
+    batches = iterate_batches(parts.images, batch_size, parts.generator, dynamic, loop.order, loop.step,
+                              shard=lambda size: local_part(size, runtime)[:2])  # each rank reads its part
     for index, batch in batches:
-        batch_loss, stopping = _step(parts, batch, beta, stop, index)
+        size = min(batch_size, len(parts.images) - index * batch_size)  # the batch's items on all ranks
+        batch_loss, stopping = _step(parts, batch, size, beta, stop, index)
         loop.partial["loss"] += batch_loss
-        loop.partial["images"] += len(batch)
+        loop.partial["images"] += size
         loop.step = index + 1  # steps completed in this epoch
         callbacks.step_ends(loop.step, loop.partial["loss"] / loop.partial["images"])
         if stopping:
@@ -407,14 +410,16 @@ def _train_epoch(parts: _Parts, loop: _Loop, beta: float, callbacks: CallbackLis
     return stopping
 
 
-def _step(parts: _Parts, batch: torch.Tensor, beta: float, stop: _StopRequest, index: int) -> tuple[float, bool]:
-    """One SVI step on ``batch``, the ``index``-th (0-based) of its epoch: loss, gradient, update.
+def _step(parts: _Parts, batch: torch.Tensor, size: int, beta: float, stop: _StopRequest, index: int
+          ) -> tuple[float, bool]:
+    """One SVI step on a batch of ``size`` items, the ``index``-th (0-based) of its epoch: loss,
+    gradient, update. ``batch`` is this rank's part of it (all of it in one process).
 
     :returns: the batch's loss (summed over ranks) and whether any rank was asked to stop.
     :raises _NonFinite: the loss or a gradient is NaN or infinite; the update is not taken.
     """
     runtime = parts.runtime
-    loss = _checked_loss(parts, batch, beta, index)
+    loss = _checked_loss(parts, batch, size, beta, index)
     # one reduction a step: the batch's loss for the logs and the divergence check, and
     # whether any rank was asked to stop, so that all ranks stop after the same step
     batch_loss, stops = all_reduce_sum([loss.item() / runtime.world_size, float(stop.requested)], runtime)
@@ -429,36 +434,38 @@ def _step(parts: _Parts, batch: torch.Tensor, beta: float, stop: _StopRequest, i
     return batch_loss, bool(stops)
 
 
-def _checked_loss(parts: _Parts, batch: torch.Tensor, beta: float, index: int) -> torch.Tensor:
-    """This rank's loss of ``batch``, Pyro validating every distribution's parameters.
+def _checked_loss(parts: _Parts, batch: torch.Tensor, size: int, beta: float, index: int) -> torch.Tensor:
+    """This rank's loss of ``batch`` (its part of ``size`` items), Pyro validating every
+    distribution's parameters.
 
     :raises _NonFinite: a distribution was refused because the numbers blew up
         (:func:`_numbers_blew_up`); any other failure is raised as it is.
     """
     try:
-        return _batch_loss(parts.objective, parts, batch, beta)
+        return _batch_loss(parts.objective, parts, batch, size, beta)
     except ValueError:
         # Pyro refuses NaN parameters with a ValueError, the type of any invalid argument:
         # whether this one is a divergence, the numbers decide, not the message
-        if not _numbers_blew_up(parts, batch, beta):
+        if not _numbers_blew_up(parts, batch, size, beta):
             raise
     # raised outside the handler: Pyro's refusal would only repeat the message at length
     raise _NonFinite("a parameter of q(z|x) or p(x|z) is NaN or infinite", index)
 
 
-def _batch_loss(module: torch.nn.Module, parts: _Parts, batch: torch.Tensor, beta: float) -> torch.Tensor:
-    """The negative ELBO of this rank's part of ``batch``, computed by ``module`` (the loss, or
-    its DDP wrapper), weighted so that the gradients reduced over ranks are the whole batch's."""
+def _batch_loss(module: torch.nn.Module, parts: _Parts, batch: torch.Tensor, size: int, beta: float
+                ) -> torch.Tensor:
+    """The negative ELBO of ``batch``, this rank's part of a batch of ``size`` items, computed
+    by ``module`` (the loss, or its DDP wrapper), weighted so that the gradients reduced over
+    ranks are the whole batch's."""
     runtime, weight = parts.runtime, parts.config.objective.reconstruction_weight
     if not runtime.distributed:
         return module(batch.to(runtime.device, non_blocking=True), beta=beta, reconstruction_weight=weight)
-    begin, end, scale = local_part(len(batch), runtime)
-    with SharedNoise(LATENT, begin, end, len(batch)):
-        return module(batch[begin:end].to(runtime.device, non_blocking=True), beta=beta,
-                      reconstruction_weight=weight) * scale
+    begin, end, scale = local_part(size, runtime)
+    with SharedNoise(LATENT, begin, end, size):
+        return module(batch.to(runtime.device, non_blocking=True), beta=beta, reconstruction_weight=weight) * scale
 
 
-def _numbers_blew_up(parts: _Parts, batch: torch.Tensor, beta: float) -> bool:
+def _numbers_blew_up(parts: _Parts, batch: torch.Tensor, size: int, beta: float) -> bool:
     """Whether a failed loss failed for its numbers, not its code: a weight is NaN or infinite,
     or the same loss computed with Pyro's validation off is.
 
@@ -472,7 +479,7 @@ def _numbers_blew_up(parts: _Parts, batch: torch.Tensor, beta: float) -> bool:
     with probing(parts.runtime.device), pyro.validation_enabled(False), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            loss = _batch_loss(parts.loss, parts, batch, beta)
+            loss = _batch_loss(parts.loss, parts, batch, size, beta)
         except Exception:  # it fails without validation too: the code is at fault, whatever the error
             return False
     return not math.isfinite(loss.item())
@@ -536,7 +543,7 @@ def check_data(config: Config, splits: Splits, likelihood=None) -> None:
     name = config.model.likelihood if cls is named else cls.__name__
     accepts = getattr(cls if likelihood is None else likelihood, "accepts", None)
     if accepts is not None:
-        check_likelihood_range(splits.train.images, accepts, config.data.binarize, name)
+        check_likelihood_range(splits.train, accepts, config.data.binarize, name)
 
 
 def _gradient_sum(vae: VAE) -> float:
@@ -559,7 +566,7 @@ def _may_mask(objective) -> bool:
     return objective.reconstruction_weight == 0 or objective.beta == 0 or objective.beta_schedule != "constant"
 
 
-def _validation_elbo(vae: VAE, images: torch.Tensor, runtime: Runtime) -> float:
+def _validation_elbo(vae: VAE, images: ImageData, runtime: Runtime) -> float:
     """The mean one-sample ELBO of the validation images, each rank scoring its shard.
 
     The noise comes from a fork of the random stream, so validation never changes the
@@ -568,7 +575,7 @@ def _validation_elbo(vae: VAE, images: torch.Tensor, runtime: Runtime) -> float:
     """
     begin, end = shard_bounds(len(images), runtime.rank, runtime.world_size)
     with probing(runtime.device):
-        total = mean_elbo(vae, images[begin:end]) * (end - begin) if end > begin else 0.0
+        total = mean_elbo(vae, images.part(begin, end)) * (end - begin) if end > begin else 0.0
     total, count = all_reduce_sum([total, float(end - begin)], runtime)
     return total / count
 

@@ -435,9 +435,12 @@ def test_unreadable_data_file(tmp_path, run_cli, monkeypatch):
     np.save(path, np.zeros((10, 3), dtype=np.float32))
     path.chmod(0)
     if os.geteuid() == 0:  # root reads it anyway: stand in the error a user would get
+        import pyro_vae.sources as sources
+
         def refuse(file, *args, **kwargs):
             raise PermissionError(13, "Permission denied", str(file))
-        monkeypatch.setattr(np, "load", refuse)
+        # an .npy file is opened (to be mapped) by the built-in open, shadowed in the module
+        monkeypatch.setattr(sources, "open", refuse, raising=False)
     monkeypatch.setattr(cli, "fit", _trap)
     assert_one_line_error(run_cli("train", "--data", str(path), "--out", str(tmp_path / "run")),
                           "secret.npy", "cannot be read", "Permission denied")

@@ -424,9 +424,10 @@ def test_unreadable_files(tmp_path, monkeypatch, kind):
     target.chmod(0)
     try:
         if os.geteuid() == 0:  # root reads it anyway: stand in the error a user would get
-            patched = {"npy": (sources.np, "load"), "pt": (sources.torch, "load"), "png": (Image, "open"),
+            # an .npy file is opened (to be mapped) by the built-in open, shadowed in the module
+            patched = {"npy": (sources, "open"), "pt": (sources.torch, "load"), "png": (Image, "open"),
                        "folder": (Path, "iterdir")}[kind]
-            monkeypatch.setattr(*patched, _permission_denied)
+            monkeypatch.setattr(*patched, _permission_denied, raising=False)
         with pytest.raises(DataError) as error:
             load_data(_config(path))
     finally:

@@ -1,0 +1,224 @@
+"""Data of any size (issue #27): how soon training starts on a large array file, the anonymous
+memory each process holds, and an epoch over a file larger than the machine's memory.
+
+Two measurements, each a set of fresh ``pyro-vae train`` processes started side by side in one run:
+
+``startup``
+    A 100,000-image RGB 64 x 64 ``uint8`` file (1.23 GB, made once under ``--work``) trained with
+    the conv model and the continuous Bernoulli likelihood, as one process and as two torchrun
+    ranks. For each: the seconds from launch to the end of the first step, and the peak
+    anonymous (not file-backed) resident memory of each process (``RssAnon`` of
+    ``/proc/PID/status``, sampled every 20 ms). The same command on a 1,000-image file of the
+    same shape gives what the model and the libraries hold by themselves, so the difference is
+    what the data costs. ``--baseline SRC`` runs the same commands with another checkout's
+    ``pyro_vae`` (e.g. the commit before the data was memory-mapped) for the ratio. The epoch
+    trains ``--train-limit`` images (then validates all 10,000), so each row takes a minute or two.
+
+``larger-than-memory``
+    A ``uint8`` file of ``--gigabytes`` (3 x 128 x 128 images), larger than the memory when
+    above it, one epoch of a small conv network (``benchmarks/tiny_conv.py``, a plugin: one
+    stride-8 convolution each way, so that reading the data, not the arithmetic, is measured),
+    beside the same network on ``--in-memory`` images of the same shape read whole into memory
+    (a ``.pt`` file). Reports images per second of each epoch and the peak anonymous memory.
+
+    python benchmarks/large_data.py startup --work /tmp/pyro-vae-large --baseline /tmp/old
+    python benchmarks/large_data.py larger-than-memory --work /tmp/pyro-vae-large --gigabytes 30
+
+The files are written once and reused; delete ``--work`` afterwards (the 30 GB file is large).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+#: The command each row trains with (the issue's example), less --data and --out.
+STARTUP_SETTINGS = ["--set", "model.arch=conv", "--set", "model.likelihood=continuous_bernoulli",
+                    "--set", "data.binarize=none", "--epochs", "1"]
+#: The child runs the CLI with the trainer's step wrapped to note when the first one ended.
+CHILD = """
+import sys, time
+import pyro_vae.train as train
+from pyro_vae.cli import main
+step, marked = train._step, []
+def first_step(*args, **kwargs):
+    result = step(*args, **kwargs)
+    if not marked:
+        marked.append(time.time())
+        with open(sys.argv[1], "a") as out:
+            out.write(f"{marked[0]}\\n")
+    return result
+train._step = first_step
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def make_array(path: Path, n: int, shape: tuple[int, ...], seed: int = 0) -> Path:
+    """``n`` random ``uint8`` items of ``shape`` as an .npy file, written a block at a time
+    (never held whole), unless it exists with that shape."""
+    if path.exists():
+        existing = np.load(path, mmap_mode="r")
+        if existing.shape == (n, *shape) and existing.dtype == np.uint8:
+            return path
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, *shape))
+    rng = np.random.default_rng(seed)
+    block = max(1, 2**28 // int(np.prod(shape)))  # 256 MB at a time
+    pattern = rng.integers(0, 256, size=(block, *shape), dtype=np.uint8)
+    for begin in range(0, n, block):
+        end = min(n, begin + block)
+        # a rolled random block: every item different, at the speed of a copy, not of a generator
+        out[begin:end] = np.roll(pattern[: end - begin], begin % 9973)
+    out.flush()
+    del out
+    return path
+
+
+def _anon_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _descendants(pid: int) -> list[int]:
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        try:
+            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        except OSError:
+            children = []
+        found += map(int, children)
+        frontier += map(int, children)
+    return found
+
+
+def run_tracked(command: list[str], env: dict, first_step_file: Path | None = None) -> dict:
+    """Run ``command``; the peak RssAnon (MB) of each process that is a Python trainer, the
+    seconds to the first step (if ``first_step_file`` is written) and in all."""
+    started = time.time()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peaks: dict[int, int] = {}
+    while process.poll() is None:
+        for pid in [process.pid, *_descendants(process.pid)]:
+            peaks[pid] = max(peaks.get(pid, 0), _anon_kib(pid))
+        time.sleep(0.02)
+    stderr = process.stderr.read()
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({process.returncode}):\n{stderr[-3000:]}")
+    firsts = []
+    if first_step_file is not None and first_step_file.exists():
+        firsts = [float(line) for line in first_step_file.read_text().split()]
+    return {"first_step_seconds": max(firsts) - started if firsts else None,
+            "seconds": time.time() - started,
+            # torchrun's launcher holds little; the trainers are the processes above 100 MB
+            "peak_anon_mb": sorted((kib / 1024 for kib in peaks.values() if kib > 100 * 1024), reverse=True)}
+
+
+def _train_command(python: str, ranks: int, marks: Path, data: Path, out: Path, extra: list[str]) -> list[str]:
+    argv = ["train", "--data", str(data), "--out", str(out), "--device", "cpu", *STARTUP_SETTINGS, *extra]
+    if ranks == 1:
+        return [python, "-c", CHILD, str(marks), *argv]
+    script = marks.with_suffix(".py")
+    script.write_text(CHILD)
+    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", str(script),
+            str(marks), *argv]
+
+
+def startup(args) -> None:
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    big = make_array(work / "faces.npy", 100_000, (3, 64, 64))
+    small = make_array(work / "faces_small.npy", 1_000, (3, 64, 64))
+    sources = {"this checkout": str(HERE.parent)}
+    if args.baseline:
+        sources["baseline"] = str(Path(args.baseline).resolve())
+    print(f"{big}: {big.stat().st_size / 1e9:.2f} GB; epoch of {args.train_limit} training images, then validation")
+    rows = []
+    for name, source in sources.items():
+        for ranks in (1, 2):
+            for data in (small, big):
+                with tempfile.TemporaryDirectory(dir=work) as scratch:
+                    scratch = Path(scratch)
+                    env = dict(os.environ, PYTHONPATH=source, OMP_NUM_THREADS=str(max(1, os.cpu_count() // ranks)))
+                    limit = min(args.train_limit, 800) if data is small else args.train_limit
+                    command = _train_command(sys.executable, ranks, scratch / "marks", data, scratch / "run",
+                                             ["--set", f"data.train_limit={limit}"])
+                    result = run_tracked(command, env, scratch / "marks")
+                row = {"code": name, "ranks": ranks, "data": data.name, **result}
+                rows.append(row)
+                print(json.dumps(row))
+    print("\ncode           ranks  start (s) big/small   anon MB big (per process)  - small  = the data's")
+    for name in sources:
+        for ranks in (1, 2):
+            small_row, big_row = (next(r for r in rows if r["code"] == name and r["ranks"] == ranks and
+                                       r["data"] == d.name) for d in (small, big))
+            extra = [b - s for b, s in zip(big_row["peak_anon_mb"], small_row["peak_anon_mb"])]
+            print(f"{name:14} {ranks:5}  {big_row['first_step_seconds']:6.1f} / {small_row['first_step_seconds']:4.1f}"
+                  f"   {', '.join(f'{m:7.0f}' for m in big_row['peak_anon_mb'])}"
+                  f"  - {', '.join(f'{m:5.0f}' for m in small_row['peak_anon_mb'])}"
+                  f"  = {', '.join(f'{m:5.0f}' for m in extra)}")
+
+
+def larger_than_memory(args) -> None:
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    shape = (3, 128, 128)
+    n = int(args.gigabytes * 1e9) // int(np.prod(shape))
+    free = shutil.disk_usage(work).free
+    big = work / "large.npy"
+    if not big.exists() and free < n * np.prod(shape) + 2e9:
+        raise SystemExit(f"{work} has {free / 1e9:.1f} GB free; {args.gigabytes} GB are needed, and 2 GB to spare")
+    started = time.time()
+    make_array(big, n, shape)
+    print(f"{big}: {n:,} images of {shape}, {big.stat().st_size / 1e9:.1f} GB (made in {time.time() - started:.0f} s); "
+          f"memory {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1e9:.1f} GB")
+    held = work / "held.pt"
+    if not held.exists():
+        import torch
+
+        torch.save(torch.from_numpy(np.array(np.load(big, mmap_mode="r")[: args.in_memory])), held)
+    settings = ["--plugin", str(HERE / "tiny_conv.py"), "--set", "model.arch=tiny_conv", "--set",
+                "model.likelihood=continuous_bernoulli", "--set", "data.binarize=none", "--set", "train.batch_size=256",
+                "--set", "data.val_fraction=0.01", "--set", "data.test_fraction=0.01", "--epochs", "1"]
+    for name, data in (("in memory (.pt, read whole)", held), ("memory-mapped (.npy)", big)):
+        with tempfile.TemporaryDirectory(dir=work) as scratch:
+            out = Path(scratch) / "run"
+            command = [sys.executable, "-m", "pyro_vae", "train", "--data", str(data), "--out", str(out),
+                       "--device", "cpu", *settings]
+            result = run_tracked(command, dict(os.environ, PYTHONPATH=str(HERE.parent)))
+            record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+        print(json.dumps({"data": name, "images_per_second": record["images_per_second"],
+                          "epoch_seconds": record["seconds"], **result}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    one = commands.add_parser("startup")
+    one.add_argument("--work", default="/tmp/pyro-vae-large")
+    one.add_argument("--baseline", metavar="SRC", help="a checkout whose pyro_vae to run beside this one")
+    one.add_argument("--train-limit", type=int, default=4000)
+    two = commands.add_parser("larger-than-memory")
+    two.add_argument("--work", default="/tmp/pyro-vae-large")
+    two.add_argument("--gigabytes", type=float, default=30.0)
+    two.add_argument("--in-memory", type=int, default=20_000, help="images of the in-memory comparison")
+    args = parser.parse_args()
+    {"startup": startup, "larger-than-memory": larger_than_memory}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
