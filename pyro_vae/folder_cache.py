@@ -87,7 +87,7 @@ def read_cached(folder: str | Path, image_size: int = 0, cache_dir: str | Path |
     if meta is None or rewritten:
         superseded = _entries_of(where, folder, image_size, name)
         if rewritten or superseded:
-            print(f"pyro-vae: {folder} changed since it was cached; decoding it again", file=sys.stderr)
+            print(f"note: {folder} changed since it was cached; decoding it again", file=sys.stderr)
         meta = _build(folder, files, labels, classes, image_size, where, name, listing, content)
         for old in superseded:  # the folder as it was: no read will name that listing again
             _remove_entry(where, old)
@@ -153,7 +153,7 @@ def cache_folder(folder: Path, cache_dir: str | Path | None = None, name: str | 
         return beside
     fallback = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pyro-vae"
     _make(fallback, "the user's cache folder")
-    print(f"pyro-vae: {folder} cannot be written, so its decoded images are cached in {fallback}; "
+    print(f"note: {folder} cannot be written, so its decoded images are cached in {fallback}; "
           f"name another cache folder with --cache-dir or {CACHE_ENV}", file=sys.stderr)
     return fallback
 
@@ -339,7 +339,7 @@ def _allocate(path: Path, shape: tuple[int, ...]) -> int:
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": shape})
     header = header.getvalue()
-    handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    handle = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)  # this process's own name
     try:
         os.write(handle, header)  # 128 bytes or so: one write
         total = len(header) + math.prod(shape)

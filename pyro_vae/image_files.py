@@ -136,5 +136,5 @@ def check_one_size(files: list[Path], sizes: list[tuple[int, int]]) -> None:
     for file, size in zip(files, sizes):
         if size != sizes[0]:
             (w1, h1), (w2, h2) = sizes[0], size
-            raise DataError(f"images of different sizes: {files[0]} is {w1}x{h1}, {file} is {w2}x{h2} (width x height); "
-                            "resize them to one size, or set data.image_size")
+            raise DataError(f"images of different sizes: {files[0]} is {w1}x{h1}, {file} is {w2}x{h2} "
+                            "(width x height); resize them to one size, or set data.image_size")
