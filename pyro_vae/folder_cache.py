@@ -368,7 +368,8 @@ def _decode_rows(path: Path, offset: int, shape: tuple[int, ...], start: int, fi
             if image.shape[:2] != shape[2:] or image.shape[2] > shape[1]:  # not what its header said a moment ago
                 raise DataError(f"{file} changed while its folder was decoded; try again once it is stable")
             rows[row] = image.transpose(2, 0, 1)  # a grey (1, H, W) image broadcasts to RGB
-        rows.flush()
+        # No flush (msync): the shared mapping's pages are already what any process reads; forcing
+        # them to the disk would cost time for nothing the checksum does not catch after a crash.
     finally:
         del rows
     return len(files)
