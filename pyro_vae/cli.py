@@ -34,6 +34,7 @@ from .datasets import DATASETS
 from .distributed import (DEVICES, DistributedError, is_communication_error, launched_world_size, resolve_device, setup,
                           teardown)
 from .elbo import evaluate
+from .folder_cache import BESIDE_DATA, CACHE_ENV
 from .guides import GUIDES
 from .monitor import TensorBoardMissing, require_tensorboard
 from .priors import PRIORS
@@ -142,11 +143,17 @@ def _add_device(parser) -> None:
 
 
 def _add_data_options(parser, data_help: str | None = None) -> None:
-    """--data-dir, --plugin and, with ``data_help``, --data (without: the command adds --data as a shorthand)."""
+    """--data-dir, --cache-dir, --plugin and, with ``data_help``, --data (without: the command adds --data as a
+    shorthand)."""
     parser.add_argument(
         "--data-dir", metavar="DIR",
         help=f"folder holding the torchvision datasets, e.g. MNIST/raw/... (default: ${DATA_ENV}, else ./data, where "
              "they are downloaded if missing)",
+    )
+    parser.add_argument(
+        "--cache-dir", metavar="DIR", type=_output_folder,
+        help=f"folder where a folder of images is cached, decoded, for the next runs (default: ${CACHE_ENV}, else "
+             f"{BESIDE_DATA}/ inside the image folder)",
     )
     if data_help is not None:
         parser.add_argument("--data", metavar="NAME_OR_PATH", help=data_help)
@@ -374,8 +381,8 @@ def _resumed_run(args) -> tuple[Path, Config, dict, list[str]]:
     changed = [s.flag for s in SHORTHANDS.values() if s.flag not in ("--epochs", "--data")
                and getattr(args, s.dest) is not None]
     if args.config or args.out or args.set or changed:
-        raise ConfigError("--resume continues a run with its own config; only --epochs, --data, --data-dir and "
-                          "--plugin may be given with it")
+        raise ConfigError("--resume continues a run with its own config; only --epochs, --data, --data-dir, "
+                          "--cache-dir and --plugin may be given with it")
     run_dir = Path(args.resume)
     checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME)
     plugins = _load_run_plugins(checkpoint, args)
@@ -420,7 +427,7 @@ def _run_data(config, args, checkpoint: dict | None = None):
         raise DataError("this run trained on tensors handed to fit() in Python, which no command can read again; "
                         "evaluate, plot or resume it in Python (pyro_vae.evaluate, pyro_vae.fit), or train from a "
                         "file or folder (--data)")
-    splits = load_data(config.data, args.data_dir, dataset=args.data)
+    splits = load_data(config.data, args.data_dir, dataset=args.data, cache_dir=args.cache_dir)
     if recorded is not None:
         check_source(recorded, splits)
     return splits

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import inspect
 
-__all__ = ["ACCEPTS", "OPTION_TYPES", "MODEL_ARGUMENTS", "ConfigError", "ComponentError", "model_arguments",
-           "options_of", "option_bounds", "check_part", "refuse"]
+__all__ = ["ACCEPTS", "OPTION_TYPES", "MODEL_ARGUMENTS", "ConfigError", "ComponentError", "DataError",
+           "model_arguments", "options_of", "option_bounds", "check_part", "refuse"]
 
 
 class ConfigError(ValueError):
@@ -30,6 +30,12 @@ class ConfigError(ValueError):
 
 class ComponentError(TypeError):
     """A part breaks the contract of its kind; raised, with one line, when it is registered."""
+
+
+class DataError(ValueError):
+    """Data that cannot be used as it is: one line naming the file or dataset and what to change.
+    (Here, not in :mod:`pyro_vae.sources`, so that the image readers and their cache below it
+    raise it without importing upward.)"""
 
 
 #: What a likelihood's ``accepts`` may say: the data it is defined on.

@@ -312,7 +312,8 @@ def _standardize(train: ImageData, *others: ImageData) -> list[ImageData]:
     return [dataclasses.replace(d, standardized=stats) for d in (train, *others)]
 
 
-def load_data(data: DataConfig, data_dir: str | Path | None = None, dataset: str | None = None) -> Splits:
+def load_data(data: DataConfig, data_dir: str | Path | None = None, dataset: str | None = None,
+              cache_dir: str | Path | None = None) -> Splits:
     """Read ``data.dataset`` (or ``dataset``, e.g. where a file has moved) into :class:`Splits`.
 
     - A torchvision name: the official test split; validation is the last ``data.val_size``
@@ -344,7 +345,7 @@ def load_data(data: DataConfig, data_dir: str | Path | None = None, dataset: str
         train, val = full_train.head(n_train), full_train.part(n_train, len(full_train))
     else:
         path = Path(os.path.abspath(Path(spec).expanduser()))
-        raw = read_path(path, data.image_size)
+        raw = read_path(path, data.image_size, cache_dir)
         parts, kind = (raw,), "folder" if path.is_dir() else "array"
         train, val, test = _split_by_fraction(_as_float(raw, str(path)), data, str(path))
     if data.train_limit:

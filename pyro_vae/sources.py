@@ -1,8 +1,9 @@
 """Reading a dataset from files: a folder of image files, or an array file (.npy, .npz, .pt).
 
-A reader returns the data as the file holds it (:class:`RawData`): ``uint8`` values stay
-``uint8`` (they mean 0..255), every other number type becomes ``float32`` as it is, and
-labels are ``int64`` class indices or ``None``. Anything it cannot read is refused with
+A reader returns the data as the file holds it (:class:`RawData`), in the file's type
+(``uint8`` means 0..255; :mod:`pyro_vae.data` converts a batch at a time), memory-mapped
+where the file allows it (``.npy``, and ``.npz`` saved without compression), and labels as
+``int64`` class indices or ``None``. Anything it cannot read is refused with
 one :class:`DataError` line naming the file and what to change. Scaling, splits, fingerprints
 and range checks are :mod:`pyro_vae.data`'s job; nothing here knows about configs.
 
@@ -14,7 +15,9 @@ Layouts:
   and names starting with a dot, are ignored; a file with an image suffix that cannot be
   decoded is refused. Grey images (PIL modes ``1``, ``L``, ``LA``) give one channel, all
   others three (RGB); alpha is dropped; a folder mixing both gives three. 16-bit and float
-  images are refused (converting them to 8 bits would clip them silently).
+  images are refused (converting them to 8 bits would clip them silently). The files are
+  listed and decoded by :mod:`pyro_vae.image_files`, once, into the cache of
+  :mod:`pyro_vae.folder_cache`; later reads map the cache.
 - ``.npy``: one array; ``.npz``: arrays ``images`` (or ``x``) and optionally ``labels``
   (or ``y``); ``.pt``: a tensor, or a dict with those keys, read with ``weights_only=True``
   (no code in the file runs). Shapes: ``(N, H, W)`` grey images (a channel axis is added),
@@ -33,30 +36,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+from .contract import DataError
+from .folder_cache import read_cached
+
 ARRAY_SUFFIXES = (".npy", ".npz", ".pt")
 #: Keys of an .npz archive or a .pt dict, in the order they are looked for.
 IMAGE_KEYS = ("images", "x")
 LABEL_KEYS = ("labels", "y")
 #: Bytes of a zip member's local header before its name (the zip format's fixed part).
 _LOCAL_HEADER_SIZE = 30
-#: PIL modes read as one grey channel; 16-bit ("I;16", "I") and float ("F") are refused.
-_GREY_MODES = {"1", "L", "LA"}
-_DEEP_MODES = ("I", "F")
 #: Channel counts of image formats (grey, RGB, RGBA). A 4-D array with more channels than that
 #: on its second axis and one of these on its last is channels-last (N, H, W, C), which would
 #: otherwise be read as (N, C, H, W) silently: many channels of images 1 to 4 pixels wide.
 _FORMAT_CHANNELS = (1, 3, 4)
 
 
-class DataError(ValueError):
-    """Data that cannot be used as it is: one line naming the file or dataset and what to change."""
-
-
 @dataclass(frozen=True)
 class RawData:
-    """Data as read. ``values``: ``(N, C, H, W)`` images or ``(N, D)`` vectors, ``uint8``
-    (0..255) or ``float32``; ``labels``: ``int64`` ``(N,)`` or ``None``; ``classes``: the
+    """Data as read. ``values``: ``(N, C, H, W)`` images or ``(N, D)`` vectors in the file's
+    number type (``uint8`` means 0..255), often a memory map of the file; ``labels``: ``int64`` ``(N,)`` or ``None``; ``classes``: the
     class names that labels index, where the source names them."""
 
     values: torch.Tensor
@@ -77,113 +75,38 @@ def is_path_like(spec: str) -> bool:
             or Path(spec).expanduser().exists())
 
 
-def read_path(path: str | Path, image_size: int = 0) -> RawData:
+def read_path(path: str | Path, image_size: int = 0, cache_dir: str | Path | None = None) -> RawData:
     """Read a folder of images or an array file (see the module's docstring).
 
     :param image_size: resize every image to ``image_size`` x ``image_size`` (0: keep the
         size, which must then be the same for all); unused for array files.
+    :param cache_dir: where a folder's decoded images are cached (:mod:`pyro_vae.folder_cache`);
+        unused for array files.
     :raises DataError: a missing path, an unreadable or malformed file, unusable shapes.
     """
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"{path} does not exist; give a folder of images or a .npy, .npz or .pt file")
     if path.is_dir():
-        return read_folder(path, image_size)
+        return read_folder(path, image_size, cache_dir)
     if path.suffix.lower() in ARRAY_SUFFIXES and path.is_file():
         return read_array(path)
     raise DataError(f"{path} is neither a folder of images nor a .npy, .npz or .pt file")
 
 
 # --- folders of image files -------------------------------------------------------------------
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
-
-
-def _images_under(folder: Path) -> list[Path]:
-    """Image files anywhere below ``folder``, sorted; hidden files and folders skipped."""
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [Path(root) / f for f in sorted(files) if _is_image(Path(f))]
-    return found
-
-
-def _list_images(folder: Path) -> tuple[list[Path], list[int] | None, list[str] | None]:
-    """The image files of ``folder``, their class indices and the class names (or ``None``
-    twice for a flat folder)."""
-    try:
-        entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-    except OSError as error:
-        raise DataError(f"{folder} cannot be read ({error.strerror or error})") from None
-    files = [p for p in entries if p.is_file() and _is_image(p)]
-    subfolders = [p for p in entries if p.is_dir()]
-    if files:
-        nested = next((d for d in subfolders if _images_under(d)), None)
-        if nested is not None:
-            raise DataError(f"{folder} holds both image files ({files[0].name}) and a class folder with images "
-                            f"({nested.name}/); put every image in a class folder, or none")
-        return files, None, None
-    if not subfolders:
-        others = [p.name for p in entries if p.is_file()]
-        found = f" (it holds {len(others)} other files, e.g. {others[0]})" if others else ""
-        raise DataError(f"{folder} holds no image files ({', '.join(IMAGE_SUFFIXES)}), neither directly nor in "
-                        f"class sub-folders{found}")
-    labels = []
-    for index, subfolder in enumerate(subfolders):
-        images = _images_under(subfolder)
-        if not images:  # its class index would name no image: a mislabelled class is worse than a refusal
-            raise DataError(f"class folder {subfolder} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-        files += images
-        labels += [index] * len(images)
-    return files, labels, [d.name for d in subfolders]
-
-
-def _decode(file: Path, image_size: int) -> np.ndarray:
-    """One image file as ``uint8`` ``(H, W, C)``, C = 1 (grey) or 3 (RGB)."""
-    from PIL import Image  # Pillow comes with matplotlib; imported here, only where images are read
-
-    try:
-        with Image.open(file) as image:
-            if image.mode.startswith(_DEEP_MODES):
-                raise DataError(f"{file}: {image.mode} images (16-bit or float) are not supported; "
-                                "save them as 8-bit grey or RGB")
-            mode = "L" if image.mode in _GREY_MODES else "RGB"
-            if image.mode != mode:  # converting to the same mode would copy every image once more
-                image = image.convert(mode)
-            if image_size:
-                image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            array = np.asarray(image)
-    except DataError:
-        raise
-    except (OSError, ValueError, Image.DecompressionBombError) as error:  # UnidentifiedImageError is an OSError
-        reason = getattr(error, "strerror", None) or str(error).splitlines()[0] or type(error).__name__
-        raise DataError(f"{file} cannot be read as an image ({reason})") from None
-    return array[:, :, None] if array.ndim == 2 else array
-
-
-def read_folder(folder: str | Path, image_size: int = 0) -> RawData:
-    """Decode every image of ``folder`` into one ``uint8`` ``(N, C, H, W)`` tensor.
+def read_folder(folder: str | Path, image_size: int = 0, cache_dir: str | Path | None = None) -> RawData:
+    """Every image of ``folder`` as one ``uint8`` ``(N, C, H, W)`` tensor, with labels from
+    class sub-folders (layouts in :mod:`pyro_vae.image_files`).
 
     All images must have one size unless ``image_size > 0`` resizes them (bilinear, to a
     square: the aspect ratio is not kept); otherwise the first two files of different sizes
-    are named. Files are read in sorted order, so the same folder gives the same tensor.
+    are named. Files are read in sorted order, so the same folder gives the same tensor. The
+    folder is decoded once, into a cache that later reads map (:mod:`pyro_vae.folder_cache`,
+    which says where: ``cache_dir``, else ``$PYRO_VAE_CACHE``, else beside the data).
     """
-    folder = Path(folder)
-    files, labels, classes = _list_images(folder)
-    stacked = None
-    for i, file in enumerate(files):
-        array = _decode(file, image_size)
-        if stacked is None:  # filled in place: a list of arrays and a stack would hold the data twice
-            stacked, first = np.empty((len(files), *array.shape), dtype=np.uint8), file
-        elif array.shape[:2] != stacked.shape[1:3]:
-            (h1, w1), (h2, w2) = stacked.shape[1:3], array.shape[:2]
-            raise DataError(f"images of different sizes: {first} is {w1}x{h1}, {file} is {w2}x{h2} (width x height); "
-                            "resize them to one size, or set data.image_size")
-        elif array.shape[2] > stacked.shape[3]:  # the first colour image among grey ones: all become RGB
-            stacked = np.repeat(stacked, array.shape[2], axis=3)
-        stacked[i] = array  # a grey (H, W, 1) image broadcasts to RGB
-    values = torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()
-    return RawData(values, None if labels is None else torch.tensor(labels, dtype=torch.int64), classes)
+    values, labels, classes = read_cached(Path(folder), image_size, cache_dir)
+    return RawData(values, labels, classes)
 
 
 # --- array files --------------------------------------------------------------------------------

@@ -227,6 +227,7 @@ REFUSED = {
     "data-dir-missing": (TRAIN + ["--data-dir", "{tmp}/nowhere", "--epochs", "1"],
                          ["nowhere", "train-images-idx3-ubyte"]),
     "data-dir-file": (TRAIN + ["--data-dir", "{file}", "--epochs", "1"], ["file.txt", "train-images-idx3-ubyte"]),
+    "cache-dir-file": (TRAIN + ["--cache-dir", "{file}", "--epochs", "1"], ["--cache-dir", "file.txt", "is a file"]),
     # the command line itself ----------------------------------------------------------------------
     "no-command": ([], ["required", "COMMAND"]),
     "command-unknown": (["fit"], ["invalid choice", "'fit'"]),
@@ -247,6 +248,7 @@ REFUSED = {
                                                ["--limit", "10001", "10000"], marks=mnist),
     "evaluate-data-missing": pytest.param(["evaluate", "{run}", "--data", "{tmp}/nowhere.npy"],
                                           ["nowhere.npy", "does not exist"], marks=mnist),
+    "evaluate-cache-dir-file": (["evaluate", "{norun}", "--cache-dir", "{file}"], ["--cache-dir", "is a file"]),
     "evaluate-data-dir-missing": pytest.param(["evaluate", "{run}", "--data-dir", "{tmp}/nowhere"],
                                               ["nowhere", "train-images-idx3-ubyte"], marks=mnist),
     # plot ------------------------------------------------------------------------------------------
@@ -257,6 +259,7 @@ REFUSED = {
     "plot-flag-unknown": (["plot", "{norun}", "--limit", "5"], ["unrecognized arguments", "--limit"]),
     "plot-data-missing": pytest.param(["plot", "{run}", "--data", "{tmp}/nowhere.npy"],
                                       ["nowhere.npy", "does not exist"], marks=mnist),
+    "plot-cache-dir-file": (["plot", "{norun}", "--cache-dir", "{file}"], ["--cache-dir", "is a file"]),
     "plot-data-dir-missing": pytest.param(["plot", "{run}", "--data-dir", "{tmp}/nowhere"],
                                           ["nowhere", "train-images-idx3-ubyte"], marks=mnist),
     # compare-elbo on a run -------------------------------------------------------------------------
@@ -280,6 +283,7 @@ REFUSED = {
                                               ["--limit", "20000", "10000"], marks=mnist),
     "compare-data-missing": pytest.param(["compare-elbo", "{run}", "--data", "{tmp}/nowhere.npy"],
                                          ["nowhere.npy", "does not exist"], marks=mnist),
+    "compare-cache-dir-file": (["compare-elbo", "{norun}", "--cache-dir", "{file}"], ["--cache-dir", "is a file"]),
     "compare-data-dir-missing": pytest.param(["compare-elbo", "{run}", "--data-dir", "{tmp}/nowhere"],
                                              ["nowhere", "train-images-idx3-ubyte"], marks=mnist),
     # compare-elbo --train --------------------------------------------------------------------------
@@ -307,6 +311,8 @@ REFUSED = {
                                       ["nowhere.npy", "does not exist"]),
     "compare-training-data-dir-missing": (["compare-training", "--out", "{new}", "--data-dir", "{tmp}/nowhere"],
                                           ["nowhere", "train-images-idx3-ubyte"]),
+    "compare-training-cache-dir-under-file": (["compare-training", "--out", "{new}", "--cache-dir", "{file}/cache"],
+                                              ["--cache-dir", "file.txt", "is a file"]),
     "compare-training-plugin-missing": (["compare-training", "--plugin", "{tmp}/nowhere.py", "--out", "{new}"],
                                         ["plugin", "nowhere.py"]),
     "compare-training-repeats": (["compare-training", "--repeats", "3"], ["unrecognized arguments", "--repeats"]),
