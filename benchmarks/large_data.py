@@ -83,10 +83,11 @@ def make_array(path: Path, n: int, shape: tuple[int, ...], seed: int = 0) -> Pat
     return path
 
 
-def _anon_kib(pid: int) -> int:
+def _status_kib(pid: int, field: str = "RssAnon") -> int:
+    """A memory field of ``/proc/PID/status`` in KiB (0 once the process is gone)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
     except OSError:
         pass
@@ -106,15 +107,20 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def run_tracked(command: list[str], env: dict, first_step_file: Path | None = None) -> dict:
-    """Run ``command``; the peak RssAnon (MB) of each process that is a Python trainer, the
-    seconds to the first step (if ``first_step_file`` is written) and in all."""
+def run_tracked(command: list[str], env: dict, cwd: Path, first_step_file: Path | None = None) -> dict:
+    """Run ``command`` in ``cwd``; the peak RssAnon (MB) of each process that is a Python
+    trainer, the seconds to the first step (if ``first_step_file`` is written) and in all.
+    ``cwd`` must not hold a ``pyro_vae`` folder: ``python -c`` imports from the working
+    folder before ``PYTHONPATH``, which would run that checkout instead of the one named."""
     started = time.time()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
     peaks: dict[int, int] = {}
+    resident: dict[int, int] = {}
     while process.poll() is None:
         for pid in [process.pid, *_descendants(process.pid)]:
-            peaks[pid] = max(peaks.get(pid, 0), _anon_kib(pid))
+            peaks[pid] = max(peaks.get(pid, 0), _status_kib(pid))
+            resident[pid] = max(resident.get(pid, 0), _status_kib(pid, "VmHWM"))  # the kernel's own peak
         time.sleep(0.02)
     stderr = process.stderr.read()
     if process.returncode != 0:
@@ -125,7 +131,8 @@ def run_tracked(command: list[str], env: dict, first_step_file: Path | None = No
     return {"first_step_seconds": max(firsts) - started if firsts else None,
             "seconds": time.time() - started,
             # torchrun's launcher holds little; the trainers are the processes above 100 MB
-            "peak_anon_mb": sorted((kib / 1024 for kib in peaks.values() if kib > 100 * 1024), reverse=True)}
+            "peak_anon_mb": sorted((kib / 1024 for kib in peaks.values() if kib > 100 * 1024), reverse=True),
+            "peak_rss_mb": max(resident.values(), default=0) / 1024}
 
 
 def _train_command(python: str, ranks: int, marks: Path, data: Path, out: Path, extra: list[str]) -> list[str]:
@@ -157,7 +164,7 @@ def startup(args) -> None:
                     limit = min(args.train_limit, 800) if data is small else args.train_limit
                     command = _train_command(sys.executable, ranks, scratch / "marks", data, scratch / "run",
                                              ["--set", f"data.train_limit={limit}"])
-                    result = run_tracked(command, env, scratch / "marks")
+                    result = run_tracked(command, env, scratch, scratch / "marks")
                 row = {"code": name, "ranks": ranks, "data": data.name, **result}
                 rows.append(row)
                 print(json.dumps(row))
@@ -192,14 +199,14 @@ def larger_than_memory(args) -> None:
 
         torch.save(torch.from_numpy(np.array(np.load(big, mmap_mode="r")[: args.in_memory])), held)
     settings = ["--plugin", str(HERE / "tiny_conv.py"), "--set", "model.arch=tiny_conv", "--set",
-                "model.likelihood=continuous_bernoulli", "--set", "data.binarize=none", "--set", "train.batch_size=256",
+                "model.likelihood=gaussian", "--set", "data.binarize=none", "--set", "train.batch_size=256",
                 "--set", "data.val_fraction=0.01", "--set", "data.test_fraction=0.01", "--epochs", "1"]
     for name, data in (("in memory (.pt, read whole)", held), ("memory-mapped (.npy)", big)):
         with tempfile.TemporaryDirectory(dir=work) as scratch:
             out = Path(scratch) / "run"
             command = [sys.executable, "-m", "pyro_vae", "train", "--data", str(data), "--out", str(out),
                        "--device", "cpu", *settings]
-            result = run_tracked(command, dict(os.environ, PYTHONPATH=str(HERE.parent)))
+            result = run_tracked(command, dict(os.environ, PYTHONPATH=str(HERE.parent)), Path(scratch))
             record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
         print(json.dumps({"data": name, "images_per_second": record["images_per_second"],
                           "epoch_seconds": record["seconds"], **result}))

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import json
 import math
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,7 @@ from .distributed import (DEVICES, DistributedError, is_communication_error, lau
 from .elbo import evaluate
 from .folder_cache import BESIDE_DATA, CACHE_ENV
 from .guides import GUIDES
+from .model import check_model_fits
 from .monitor import TensorBoardMissing, require_tensorboard
 from .priors import PRIORS
 from .train import METRICS_NAME, TrainingDiverged, check_data, fit, resumed_config
@@ -338,8 +341,11 @@ def _train_on(runtime, args) -> int:
     run_dir, config, checkpoint, plugins = _resumed_run(args) if args.resume else _new_run(args)
     if config.train.tensorboard:
         require_tensorboard()  # one line before the data is read, not after
+    if (args.data or config.data.dataset) not in DATASETS:
+        _import_while_reading("torch._dynamo")
     splits = _run_data(config, args, checkpoint)
     check_data(config, splits)  # a mismatch is one line before a model is even built
+    check_model_fits(config.model, splits.train.image_shape)  # and so is a model too large for memory
     result = _fit_or_lost_contact(runtime, args, config, splits, run_dir, checkpoint, plugins)
     if not runtime.is_main:
         return 0 if result.completed else EXIT_INTERRUPTED
@@ -350,6 +356,25 @@ def _train_on(runtime, args) -> int:
     last = result.history[-1] if result.history else {}
     print(json.dumps({"run_dir": str(run_dir), **last}))
     return 0
+
+
+def _import_while_reading(module: str) -> None:
+    """Import ``module`` on another thread while this one reads the data.
+
+    A torch optimizer imports ``torch._dynamo`` when the first one is made: 2 s here, a third
+    of the time to the first step. Fingerprinting a large file takes as long, and hashing and
+    NumPy release the GIL, so on two cores the two overlap (the start of a 1.2 GB file went
+    from 5.4 to about 4 s: docs/results.md). Only for files and folders: reading them imports
+    nothing that imports torch, where two threads importing the same modules in another order
+    could deadlock; reading a torchvision data set imports torchvision, so it is not done then.
+    A failure here is left for the import that needs the module to raise."""
+    def run():
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - raised again, in the main thread, where it is needed
+            pass
+
+    threading.Thread(target=run, name=f"import {module}", daemon=True).start()
 
 
 def _new_run(args) -> tuple[Path, Config, None, list[str]]:

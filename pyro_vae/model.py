@@ -13,8 +13,11 @@ References:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
+import os
+import re
 
 import pyro
 import pyro.distributions as dist
@@ -27,6 +30,7 @@ from .guides import DiagonalGaussian, make_guide, representative_code
 from .likelihoods import likelihood_link, make_likelihood
 from .networks import make_networks
 from .priors import make_prior
+from .seeding import probing
 from .shapes import check_shapes
 
 #: Names of the sample sites and the plate, for code that inspects traces.
@@ -195,6 +199,25 @@ def build_vae(model_config, image_shape, name: str | None = None) -> VAE:
         on a datum of zeros, see :meth:`VAE.check_shapes`).
     """
     image_shape = tuple(image_shape)
+    check_model_fits(model_config, image_shape)
+    try:
+        encoder, decoder, likelihood, prior, guide = _parts(model_config, image_shape)
+    except RuntimeError as error:  # the allocator's refusal, where no estimate foresaw it
+        asked = re.search(r"allocate (\d+) bytes", str(error))
+        if asked is None:
+            raise
+        raise _too_large(model_config, image_shape, int(asked.group(1)), least_of_all=True) from None
+    vae = VAE(encoder, decoder, likelihood, prior, guide=guide, name=name)
+    vae.check_shapes(image_shape, model_config.z_dim, labels={
+        "encoder": f"model.arch = {model_config.arch!r}", "decoder": f"model.arch = {model_config.arch!r}",
+        "likelihood": f"model.likelihood = {model_config.likelihood!r}", "prior": f"model.prior = {model_config.prior!r}",
+        "guide": f"model.guide = {model_config.guide!r}",
+    })
+    return vae
+
+
+def _parts(model_config, image_shape: tuple) -> tuple:
+    """The encoder, decoder, likelihood, prior and guide that ``model_config`` names."""
     encoder, decoder = make_networks(
         model_config.arch, image_shape, model_config.z_dim, model_config.hidden_dim, model_config.num_layers
     )
@@ -203,13 +226,81 @@ def build_vae(model_config, image_shape, name: str | None = None) -> VAE:
                        data_domain=likelihood.accepts, **model_config.prior_options)
     # built last, so its initial draws leave those of the other parts as they were
     guide = _build_guide(model_config)
-    vae = VAE(encoder, decoder, likelihood, prior, guide=guide, name=name)
-    vae.check_shapes(image_shape, model_config.z_dim, labels={
-        "encoder": f"model.arch = {model_config.arch!r}", "decoder": f"model.arch = {model_config.arch!r}",
-        "likelihood": f"model.likelihood = {model_config.likelihood!r}", "prior": f"model.prior = {model_config.prior!r}",
-        "guide": f"model.guide = {model_config.guide!r}",
-    })
-    return vae
+    return encoder, decoder, likelihood, prior, guide
+
+
+# -- sizes that cannot be allocated -----------------------------------------------------------
+
+def physical_memory() -> int:
+    """This machine's memory in bytes (0 where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system
+        return 0
+
+
+def _weight_bytes(model_config, image_shape: tuple) -> int | None:
+    """The bytes of the weights ``model_config`` would build, from a build on the ``meta``
+    device, which allocates nothing; ``None`` where a part cannot be built there (one that
+    computes with values while it is built)."""
+    try:
+        with probing(), torch.device("meta"):
+            parts = _parts(model_config, image_shape)
+    except Exception:  # noqa: BLE001 - no estimate; the real build reports its own errors
+        return None
+    tensors = [t for part in parts for t in itertools.chain(part.parameters(), part.buffers())]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def check_model_fits(model_config, image_shape: tuple) -> None:
+    """Refuse (one line naming the key) a model whose weights alone exceed the machine's memory,
+    before any is allocated: the allocator's own refusal is a traceback, and a size just under
+    what it refuses is the kernel's out-of-memory kill, with no message at all."""
+    memory = physical_memory()
+    needed = _weight_bytes(model_config, image_shape) if memory else None
+    if needed is not None and needed > memory:
+        raise _too_large(model_config, image_shape, needed)
+
+
+def _size_keys(model_config) -> list[tuple[str, object]]:
+    """The model's integer sizes: ``(key, config with that size set to 1)`` for each."""
+    found = [(f"model.{name}", dataclasses.replace(model_config, **{name: 1}))
+             for name in ("z_dim", "hidden_dim", "num_layers")]
+    for section in ("likelihood_options", "prior_options", "guide_options"):
+        for option, value in getattr(model_config, section).items():
+            if isinstance(value, int) and not isinstance(value, bool) and value > 1:
+                smaller = {**getattr(model_config, section), option: 1}
+                found.append((f"model.{section}.{option}", dataclasses.replace(model_config, **{section: smaller})))
+    return found
+
+
+def _too_large(model_config, image_shape: tuple, needed: int, least_of_all: bool = False) -> ConfigError:
+    """The one line for a model too large to allocate: the key whose size costs the most (the
+    one that, set to 1, shrinks the weights the most; where the weights cannot be estimated,
+    the largest size) and the memory they would need (``least_of_all``: the one tensor the
+    allocator refused, a lower bound)."""
+    shrunk = [(_weight_bytes(smaller, image_shape), key) for key, smaller in _size_keys(model_config)]
+    known = [(size, key) for size, key in shrunk if size is not None]
+    if known:
+        culprit = min(known)[1]
+    else:
+        culprit = max(_size_keys(model_config), key=lambda found: _value_of(model_config, found[0]))[0]
+    memory = physical_memory()
+    here = f", more than this machine's {_gigabytes(memory)} GB" if memory else ""
+    need = f"at least {_gigabytes(needed)} GB" if least_of_all else f"about {_gigabytes(needed)} GB"
+    return ConfigError(f"{culprit} = {_value_of(model_config, culprit)}: the model's weights alone would need "
+                       f"{need}{here} (training holds about four times as much: gradients and Adam's two moments); "
+                       f"choose a smaller {culprit}")
+
+
+def _value_of(model_config, key: str):
+    path = key.split(".")[1:]
+    value = getattr(model_config, path[0])
+    return value[path[1]] if len(path) > 1 else value
+
+
+def _gigabytes(size: int) -> str:
+    return f"{size / 1e9:,.1f}"
 
 
 def _build_guide(model_config) -> nn.Module:

@@ -106,6 +106,14 @@ REFUSED = {
     "data-broken-image": (TRAIN + ["--data", "{broken_images}"], ["b.png", "cannot be read as an image"]),
     "data-mixed-sizes": (TRAIN + ["--set", "data.dataset={mixed_images}"], ["a.png", "b.png", "data.image_size"]),
     "data-nan": (TRAIN + ["--data", "{nan_npy}"], ["nan.npy", "NaN"]),
+    "data-truncated-npy": (TRAIN + ["--data", "{truncated_npy}"], ["truncated.npy", "truncated", "bytes of data"]),
+    # sizes that cannot be allocated: one line naming the key and the memory, not the allocator's traceback
+    "z-dim-unallocatable": (TRAIN + ["--data", "{real_npy}", "--set", "data.binarize=none", "--likelihood", "gaussian",
+                                     "--set", "model.z_dim=1000000000"], ["model.z_dim = 1000000000", "GB"]),
+    "hidden-dim-unallocatable": (TRAIN + ["--data", "{real_npy}", "--set", "data.binarize=none", "--likelihood",
+                                          "gaussian", "--set", "model.hidden_dim=2000000000"],
+                                 ["model.hidden_dim = 2000000000", "GB"]),
+
     "data-inf": (TRAIN + ["--data", "{inf_npy}"], ["inf.npy", "infinite"]),
     "data-one-dimensional": (TRAIN + ["--data", "{flat_npy}"], ["flat.npy", "(N, D)"]),
     "data-labels-wrong-length": (TRAIN + ["--data", "{labels_npz}"], ["labels.npz", "labels of shape (3,) for 4"]),
@@ -379,8 +387,12 @@ def _bad_data_files(tmp: Path) -> dict[str, str]:
     np.save(tmp / "flat.npy", np.zeros(12))
     np.savez(tmp / "labels.npz", images=np.zeros((4, 2, 2)), labels=np.arange(3))
     np.save(tmp / "real.npy", np.random.default_rng(0).normal(size=(40, 1, 4, 4)).astype(np.float32))
+    np.save(tmp / "truncated.npy", np.zeros((40, 1, 4, 4), dtype=np.uint8))
+    with open(tmp / "truncated.npy", "r+b") as file:  # the header still promises 640 bytes of data
+        file.truncate((tmp / "truncated.npy").stat().st_size - 100)
     names = {"docs": "docs", "broken_images": "broken_images", "mixed_images": "mixed_images", "nan_npy": "nan.npy",
-             "inf_npy": "inf.npy", "flat_npy": "flat.npy", "labels_npz": "labels.npz", "real_npy": "real.npy"}
+             "inf_npy": "inf.npy", "flat_npy": "flat.npy", "labels_npz": "labels.npz", "real_npy": "real.npy",
+             "truncated_npy": "truncated.npy"}
     return {key: str(tmp / name) for key, name in names.items()}
 
 
@@ -432,6 +444,17 @@ def test_unreadable_config_file(tmp_path, run_cli, monkeypatch):
         monkeypatch.setattr(Path, "read_bytes", refuse)
     assert_one_line_error(run_cli("train", "--config", str(path), "--out", str(tmp_path / "run")),
                           "secret.toml", "cannot be read", "Permission denied")
+
+
+def test_a_part_too_large_for_the_allocator_is_one_line(tmp_path, paths, run_cli):
+    # a mixture prior computes while it is built, so its size is not estimated beforehand: the
+    # allocator's refusal, when the model is built for training, becomes the one line
+    run = tmp_path / "run"
+    outcome = run_cli("train", "--data", paths["real_npy"], "--set", "data.binarize=none", "--likelihood", "gaussian",
+                      "--set", "model.prior=mixture", "--set", "model.prior_options.num_components=100000000000",
+                      "--out", str(run), "--epochs", "1")
+    assert_one_line_error(outcome, "model.prior_options.num_components = 100000000000", "at least", "GB")
+    assert not (run / "checkpoint.pt").exists()
 
 
 def test_unreadable_data_file(tmp_path, run_cli, monkeypatch):

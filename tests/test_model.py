@@ -383,3 +383,16 @@ def test_an_iaf_guide_registers_its_flows_with_pyro():
         assert store[f"flowing.guide$$${key}"] is param
     assert any(not torch.equal(a, b) for a, b in zip(before, vae.guide_net.parameters()))
     pyro.clear_param_store()
+
+
+def test_the_size_check_draws_nothing_and_names_the_costliest_key():
+    from pyro_vae.model import check_model_fits
+
+    config = load_config(None, {"model.arch": "conv", "model.hidden_dim": 10**9, "model.z_dim": 3})
+    state = torch.get_rng_state()
+    check_model_fits(load_config(None, {}).model, (1, 28, 28))  # the default model fits: no refusal
+    assert torch.equal(torch.get_rng_state(), state)  # built on the meta device, in a private stream
+    with pytest.raises(ConfigError) as error:
+        build_vae(config.model, (1, 28, 28))
+    one_line(error, "model.hidden_dim = 1000000000", "GB", "choose a smaller model.hidden_dim")
+    assert torch.equal(torch.get_rng_state(), state)
