@@ -1,12 +1,14 @@
-"""Datasets as preloaded tensors: where they come from, their splits, binarization and batching.
+"""Datasets: where they come from, their splits, binarization and batching.
 
 :func:`load_data` reads ``data.dataset`` once, whatever it names: a torchvision dataset
 (``mnist``, ``fashion_mnist``, ``kmnist``, ``cifar10``, ``cifar100``), a folder of image files
-or an array file (the readers are in :mod:`pyro_vae.sources`). Each split becomes one
-contiguous float tensor, ``(N, C, H, W)`` images or ``(N, D)`` vectors, and a batch is a
-slice of a seeded permutation. A torchvision ``DataLoader`` with a per-image ``ToTensor``
-transform made an MNIST epoch several times slower on a small CPU (the figure is in the
-results log, docs/results.md), so it is not used in the training loop. :class:`Splits` records where the data came from and a fingerprint of it, so a
+or an array file (the readers are in :mod:`pyro_vae.sources`). Nothing is converted or copied
+whole: a split (:class:`ImageData`) is the values as stored (``uint8`` stays ``uint8``, array
+files and decoded folders are memory-mapped) and the positions of its items, and a batch, the
+items at a slice of a seeded permutation, is read and converted to float then. A torchvision
+``DataLoader`` with a per-image ``ToTensor`` transform made an MNIST epoch several times slower
+on a small CPU (the figure is in the results log, docs/results.md), so it is not used in the
+training loop. :class:`Splits` records where the data came from and a fingerprint of it, so a
 run can later be checked to be scored on the very data it trained on (:func:`check_source`).
 """
 
@@ -182,10 +184,12 @@ class ImageData:
         return out
 
     def _as_float(self, stored: torch.Tensor) -> torch.Tensor:
-        x = stored.to(torch.float32)
+        # always a new tensor: a slice of float32 values would otherwise be a view of the store,
+        # which may be a read-only mapping of a file
+        x = stored.to(torch.float32, copy=True)
         top = self.max_value if self.max_value is not None else 255.0 if stored.dtype == torch.uint8 else 1.0
         if top != 1.0:
-            x = x.div_(top) if x is not stored else x / top
+            x = x.div_(top)
         if self.standardized is not None:
             mean, scale = self.standardized
             x = (x - mean) / scale
@@ -323,9 +327,11 @@ def load_data(data: DataConfig, data_dir: str | Path | None = None, dataset: str
       ``data.val_fraction`` and ``data.test_fraction`` (``data.split_seed``); ``data_dir`` is
       not used, relative paths are relative to the working folder.
 
-    ``uint8`` values are divided by 255, floats are taken as they are. ``data.train_limit > 0``
-    keeps the first ``train_limit`` training items; ``data.standardize`` centres and scales
-    every split by the training split's statistics (:func:`_standardize`).
+    ``uint8`` values are divided by 255, floats are taken as they are, both a batch at a time
+    when the splits are indexed. ``data.train_limit > 0`` keeps the first ``train_limit``
+    training items; ``data.standardize`` centres and scales every split by the training split's
+    statistics (:func:`_standardize`). ``cache_dir``: where a folder of images is decoded to
+    (:mod:`pyro_vae.folder_cache`; ``None``: ``$PYRO_VAE_CACHE``, else beside the images).
 
     :raises ConfigError: a name that is not a dataset, split sizes the data cannot give.
     :raises DataError: a missing path, unreadable or malformed files, NaN or inf values.

@@ -48,6 +48,7 @@ import torch
 
 from .contract import DataError
 from .image_files import check_one_size, decode, list_images, probe
+from .mapping import map_array
 
 __all__ = ["CACHE_ENV", "BESIDE_DATA", "read_cached", "cache_folder", "listing_key", "content_key"]
 
@@ -230,8 +231,7 @@ def _verified_meta(where: Path, name: str, listing: str) -> dict | None:
 def _mapped(where: Path, name: str, meta: dict):
     data_path, labels_path = where / f"{name}.npy", where / f"{name}.labels.npy"
     try:
-        # "c": copy-on-write; torch.from_numpy needs a writable array, and a read-only one warns
-        values = np.load(data_path, mmap_mode="c", allow_pickle=False)
+        values = np.load(data_path, mmap_mode="r", allow_pickle=False)  # the header, checked below
         labels = np.load(labels_path, allow_pickle=False) if meta["has_labels"] else None
     except (OSError, ValueError) as error:
         raise _corrupt(data_path, str(error).splitlines()[0] if str(error) else type(error).__name__) from None
@@ -239,7 +239,10 @@ def _mapped(where: Path, name: str, meta: dict):
         raise _corrupt(data_path, f"an array of {values.dtype} {values.shape}, expected uint8 {tuple(meta['shape'])}")
     if labels is not None and (labels.dtype != np.int64 or labels.shape != values.shape[:1]):
         raise _corrupt(labels_path, f"labels of {labels.dtype} {labels.shape}, expected int64 {values.shape[:1]}")
-    return torch.from_numpy(values), None if labels is None else torch.from_numpy(labels), meta["classes"]
+    # mapped again by pyro_vae.mapping: a writable copy-on-write map that also maps what memory
+    # cannot hold (values.offset: where numpy found the data, after the .npy header)
+    values = map_array(data_path, values.dtype, values.shape, values.offset)
+    return values, None if labels is None else torch.from_numpy(labels), meta["classes"]
 
 
 def _entries_of(where: Path, folder: Path, image_size: int, name: str) -> list[str]:

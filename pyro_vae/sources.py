@@ -38,6 +38,7 @@ import torch
 
 from .contract import DataError
 from .folder_cache import read_cached
+from .mapping import map_array
 
 ARRAY_SUFFIXES = (".npy", ".npz", ".pt")
 #: Keys of an .npz archive or a .pt dict, in the order they are looked for.
@@ -140,8 +141,7 @@ def _load(path: Path):
                        if (name := info.filename).endswith(".npy")}
             values = _pick(members, IMAGE_KEYS, path, True)
             labels = _pick(members, LABEL_KEYS, path, False)
-            return (_npz_member(path, archive, values),
-                    None if labels is None else np.asarray(_npz_member(path, archive, labels)))
+            return _npz_member(path, archive, values), None if labels is None else _npz_member(path, archive, labels)
     except DataError:
         raise
     except OSError as error:
@@ -161,10 +161,9 @@ def _truncated(path: Path, header: int, dtype: np.dtype, shape: tuple, available
                      f"{needed:,} bytes of data, but the file holds {held:,}; write the file again")
 
 
-def _map(path: Path, file, offset: int, available: int) -> np.ndarray:
+def _map(path: Path, file, offset: int, available: int) -> torch.Tensor | np.ndarray:
     """The array whose .npy header starts at the position of ``file``, memory-mapped from
-    ``path``: its pages are read when a batch touches them, and copied only if written to
-    (``mode="c"``, so that torch can wrap it without a warning for a read-only array)."""
+    ``path`` (:mod:`pyro_vae.mapping`): its pages are read when a batch touches them."""
     version = np.lib.format.read_magic(file)
     # format 1.0 has a 2-byte header length, 2.0 and 3.0 (UTF-8 field names) a 4-byte one
     read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
@@ -175,18 +174,18 @@ def _map(path: Path, file, offset: int, available: int) -> np.ndarray:
     truncated = _truncated(path, data_offset - offset, dtype, shape, available)
     if truncated is not None:
         raise truncated
-    if math.prod(shape) == 0:  # an empty array cannot be mapped; _as_items refuses it by its shape
-        return np.empty(shape, dtype)
-    order = "F" if fortran_order else "C"
-    return np.memmap(path, dtype=dtype, mode="c", offset=data_offset, shape=shape, order=order)
+    if dtype.kind not in "biuf" or not dtype.isnative:  # read whole: refused, or converted, later
+        order = "F" if fortran_order else "C"
+        return np.fromfile(file, dtype=dtype, count=math.prod(shape)).reshape(shape, order=order)
+    return map_array(path, dtype, shape, data_offset, fortran_order)
 
 
-def _mapped_npy(path: Path) -> np.ndarray:
+def _mapped_npy(path: Path) -> torch.Tensor | np.ndarray:
     with open(path, "rb") as file:
         return _map(path, file, 0, path.stat().st_size)
 
 
-def _npz_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+def _npz_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> torch.Tensor | np.ndarray:
     """One array of an .npz archive: memory-mapped where it is stored uncompressed
     (``numpy.savez``), read whole where it is compressed (``numpy.savez_compressed``), as a
     compressed member cannot be read at random."""
@@ -214,7 +213,7 @@ def _as_tensor(array, path: Path, what: str) -> torch.Tensor:
             raise DataError(f"{path}: the {what} are of type {array.dtype}; expected numbers (integers or floats)")
         if not array.dtype.isnative:  # torch reads only the machine's byte order: a copy, once
             array = array.astype(array.dtype.newbyteorder("="))
-        array = torch.from_numpy(array)  # shares the memory (a mapped file stays mapped)
+        array = torch.from_numpy(array)
     if not isinstance(array, torch.Tensor):
         raise DataError(f"{path}: the {what} are a {type(array).__name__}; expected an array or a tensor")
     if array.is_complex():

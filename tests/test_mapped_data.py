@@ -248,3 +248,13 @@ def test_dynamic_binarization_of_a_part_is_that_part_of_the_whole_draw():
     whole = binarize_fast(grey, torch.Generator().manual_seed(0))
     part = binarize_fast(grey[3:7], torch.Generator().manual_seed(0), of=(3, 10))
     assert torch.equal(part, whole[3:7])
+
+
+def test_a_mapped_file_is_written_only_in_this_process_copy(tmp_path):
+    path = tmp_path / "images.npy"
+    stored = _bytes(10)
+    np.save(path, stored)
+    raw = read_path(path)
+    raw.values[0] += 1  # copy-on-write: the page is copied, the file stays as it was
+    assert not torch.equal(raw.values[0], torch.from_numpy(stored[0]))
+    assert np.array_equal(np.load(path), stored)
