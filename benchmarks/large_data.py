@@ -1,7 +1,8 @@
 """Data of any size (issue #27): how soon training starts on a large array file, the anonymous
-memory each process holds, and an epoch over a file larger than the machine's memory.
+memory each process holds, an epoch over a file larger than the machine's memory, and the
+default model's epoch.
 
-Two measurements, each a set of fresh ``pyro-vae train`` processes started side by side in one run:
+Three measurements, each a set of fresh ``pyro-vae train`` processes started side by side in one run:
 
 ``startup``
     A 100,000-image RGB 64 x 64 ``uint8`` file (1.23 GB, made once under ``--work``) trained with
@@ -21,8 +22,14 @@ Two measurements, each a set of fresh ``pyro-vae train`` processes started side 
     beside the same network on ``--in-memory`` images of the same shape read whole into memory
     (a ``.pt`` file). Reports images per second of each epoch and the peak anonymous memory.
 
+``default-speed``
+    The default model's seconds per MNIST epoch (``configs/default.toml``) with this checkout and
+    with ``--baseline``, alternating, and their ratio: MNIST is read as bytes and converted a
+    batch at a time now, where it was converted whole before.
+
     python benchmarks/large_data.py startup --work /tmp/pyro-vae-large --baseline /tmp/old
     python benchmarks/large_data.py larger-than-memory --work /tmp/pyro-vae-large --gigabytes 30
+    python benchmarks/large_data.py default-speed --baseline /tmp/old
 
 The files are written once and reused; delete ``--work`` afterwards (the 30 GB file is large).
 """
@@ -113,8 +120,10 @@ def run_tracked(command: list[str], env: dict, cwd: Path, first_step_file: Path 
     ``cwd`` must not hold a ``pyro_vae`` folder: ``python -c`` imports from the working
     folder before ``PYTHONPATH``, which would run that checkout instead of the one named."""
     started = time.time()
-    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True)
+    # stderr to a file, not a pipe: a pipe that nobody reads until the end fills with the
+    # progress bar and stops the process at a write
+    log = tempfile.TemporaryFile(mode="w+")
+    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=log, text=True)
     peaks: dict[int, int] = {}
     resident: dict[int, int] = {}
     while process.poll() is None:
@@ -122,7 +131,9 @@ def run_tracked(command: list[str], env: dict, cwd: Path, first_step_file: Path 
             peaks[pid] = max(peaks.get(pid, 0), _status_kib(pid))
             resident[pid] = max(resident.get(pid, 0), _status_kib(pid, "VmHWM"))  # the kernel's own peak
         time.sleep(0.02)
-    stderr = process.stderr.read()
+    log.seek(0)
+    stderr = log.read()
+    log.close()
     if process.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({process.returncode}):\n{stderr[-3000:]}")
     firsts = []
@@ -189,10 +200,11 @@ def larger_than_memory(args) -> None:
     big = work / "large.npy"
     if not big.exists() and free < n * np.prod(shape) + 2e9:
         raise SystemExit(f"{work} has {free / 1e9:.1f} GB free; {args.gigabytes} GB are needed, and 2 GB to spare")
-    started = time.time()
+    started, existed = time.time(), big.exists()
     make_array(big, n, shape)
-    print(f"{big}: {n:,} images of {shape}, {big.stat().st_size / 1e9:.1f} GB (made in {time.time() - started:.0f} s); "
-          f"memory {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1e9:.1f} GB")
+    made = "made before" if existed else f"made in {time.time() - started:.0f} s"
+    print(f"{big}: {n:,} images of {shape}, {big.stat().st_size / 1e9:.1f} GB ({made}); "
+          f"memory {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1e9:.1f} GB", flush=True)
     held = work / "held.pt"
     if not held.exists():
         import torch
@@ -205,11 +217,34 @@ def larger_than_memory(args) -> None:
         with tempfile.TemporaryDirectory(dir=work) as scratch:
             out = Path(scratch) / "run"
             command = [sys.executable, "-m", "pyro_vae", "train", "--data", str(data), "--out", str(out),
-                       "--device", "cpu", *settings]
+                       "--device", "cpu", "--quiet", *settings]
             result = run_tracked(command, dict(os.environ, PYTHONPATH=str(HERE.parent)), Path(scratch))
             record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
         print(json.dumps({"data": name, "images_per_second": record["images_per_second"],
-                          "epoch_seconds": record["seconds"], **result}))
+                          "epoch_seconds": record["seconds"], **result}), flush=True)
+
+
+def default_speed(args) -> None:
+    """The default model's seconds per MNIST epoch, this checkout against ``--baseline``,
+    alternating fresh runs so that both meet the same state of the machine."""
+    sources = {"this checkout": str(HERE.parent), "baseline": str(Path(args.baseline).resolve())}
+    config = str(HERE.parent / "configs" / "default.toml")
+    seconds = {name: [] for name in sources}
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    for _ in range(args.repeats):
+        for name, source in sources.items():
+            with tempfile.TemporaryDirectory(dir=work) as scratch:
+                out = Path(scratch) / "run"
+                command = [sys.executable, "-m", "pyro_vae", "train", "--config", config, "--out", str(out),
+                           "--epochs", str(args.epochs), "--quiet", "--device", "cpu"]
+                run_tracked(command, dict(os.environ, PYTHONPATH=source), Path(scratch))
+                epochs = [json.loads(line)["seconds"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+            seconds[name] += epochs
+            print(json.dumps({"code": name, "epoch_seconds": epochs}), flush=True)
+    medians = {name: float(np.median(values)) for name, values in seconds.items()}
+    print(f"median seconds per epoch: this checkout {medians['this checkout']:.2f}, baseline "
+          f"{medians['baseline']:.2f}; ratio {medians['this checkout'] / medians['baseline']:.3f}")
 
 
 def main() -> None:
@@ -223,8 +258,13 @@ def main() -> None:
     two.add_argument("--work", default="/tmp/pyro-vae-large")
     two.add_argument("--gigabytes", type=float, default=30.0)
     two.add_argument("--in-memory", type=int, default=20_000, help="images of the in-memory comparison")
+    three = commands.add_parser("default-speed")
+    three.add_argument("--work", default="/tmp/pyro-vae-large")
+    three.add_argument("--baseline", metavar="SRC", required=True)
+    three.add_argument("--epochs", type=int, default=3)
+    three.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    {"startup": startup, "larger-than-memory": larger_than_memory}[args.command](args)
+    {"startup": startup, "larger-than-memory": larger_than_memory, "default-speed": default_speed}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import torch
 from .config import DataConfig
 from .contract import ACCEPTS, ConfigError
 from .datasets import DATASETS, TorchvisionDataset, check_dataset_config, check_split_sizes
+from .mapping import reading_in_order
 from .sources import DataError, RawData, read_path
 
 __all__ = ["DataError", "DataNotFoundError", "ImageData", "Splits", "load_data", "load_splits", "from_tensors",
@@ -256,8 +257,9 @@ def fingerprint(*parts: RawData) -> str:
         hashed_as = values.dtype if values.dtype in (torch.uint8, torch.float32) else torch.float32
         digest.update(f"{hashed_as}{tuple(values.shape)};".encode())
         step = _fingerprint_rows(values)
-        for begin in range(0, values.shape[0], step):
-            digest.update(values[begin : begin + step].to(hashed_as).contiguous().numpy())
+        with reading_in_order(values):
+            for begin in range(0, values.shape[0], step):
+                digest.update(values[begin : begin + step].to(hashed_as).contiguous().numpy())
         if part.labels is None:
             digest.update(b"no labels;")
         else:
@@ -273,8 +275,9 @@ def _as_float(raw: RawData, where: str) -> ImageData:
     data = ImageData(raw.values, raw.labels)
     if raw.values.dtype == torch.uint8:
         return data
-    bad = torch.cat([(~torch.isfinite(raw.values[begin:end]).flatten(1).all(1)).nonzero().flatten() + begin
-                     for begin, end in data.chunks()])
+    with reading_in_order(raw.values):
+        bad = torch.cat([(~torch.isfinite(raw.values[begin:end]).flatten(1).all(1)).nonzero().flatten() + begin
+                         for begin, end in data.chunks()])
     if len(bad):
         raise DataError(f"{where}: {len(bad)} items hold NaN or infinite values (the first is item {bad[0].item()}); "
                         "remove or replace them")
@@ -447,15 +450,16 @@ def _value_summary(data: ImageData, binary_too: bool) -> tuple[float, float, boo
     low, high, binary = math.inf, -math.inf, True
     raw = data.values.dtype == torch.uint8 and data.standardized is None
     top = (data.max_value or 255.0) if raw else 1.0
+    # a split of a store is a subset of it: scanning the store in its own order reads the file
+    # forwards, and a value outside the range anywhere in the data is worth refusing
     scanned = ImageData(data.values) if raw and data.rows is not None else data
-    for begin, end in scanned.chunks():
-        # a split of a store is a subset of it: scanning the store in its own order reads the
-        # file forwards, and a value outside the range anywhere in the data is worth refusing
-        piece = scanned._stored(slice(begin, end)) if raw else scanned[begin:end]
-        lo, hi = (v.item() for v in torch.aminmax(piece.detach()))
-        low, high = min(low, lo), max(high, hi)
-        if binary_too and binary:
-            binary = bool(((piece == 0) | (piece == top)).all())
+    with reading_in_order(data.values):
+        for begin, end in scanned.chunks():
+            piece = scanned._stored(slice(begin, end)) if raw else scanned[begin:end]
+            lo, hi = (v.item() for v in torch.aminmax(piece.detach()))
+            low, high = min(low, lo), max(high, hi)
+            if binary_too and binary:
+                binary = bool(((piece == 0) | (piece == top)).all())
     return low / top, high / top, binary
 
 

@@ -5,6 +5,12 @@ mapped rather than read, so a data set larger than memory can be trained on. The
 private and writable: writing to it changes this process's copy of a page, never the file,
 and torch can wrap it without a warning about read-only memory.
 
+Training reads the items of each batch at random places, so the map is advised so
+(``MADV_RANDOM``): the kernel otherwise reads ahead around every page a batch touches, 8 MB on
+the development machine, for items of 48 kB, and an epoch over a 30 GB file read the disk 19
+times over. A pass in file order (the fingerprint, the range check) asks for read-ahead again
+while it runs (:func:`reading_in_order`).
+
 It is made with ``MAP_NORESERVE``. Linux counts a private writable mapping against the memory
 it may commit unless told that the pages need no reserve, so NumPy's copy-on-write map
 (``numpy.memmap(mode="c")``) of a 30 GB file failed on a 24 GB machine with "Cannot allocate
@@ -14,9 +20,11 @@ available (not Linux), ``numpy.memmap(mode="c")`` is used instead.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -43,5 +51,30 @@ def map_array(path: str | Path, dtype: np.dtype, shape: tuple[int, ...], offset:
     with open(path, "rb") as file:  # the mapping keeps the file open as long as it lives
         mapped = mmap.mmap(file.fileno(), offset - start + count * dtype.itemsize, offset=start,
                            flags=mmap.MAP_PRIVATE | _NO_RESERVE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    if hasattr(mapped, "madvise"):
+        mapped.madvise(mmap.MADV_RANDOM)
     array = np.frombuffer(mapped, dtype=dtype, count=count, offset=offset - start)
-    return torch.from_numpy(array.reshape(shape, order=order))
+    tensor = torch.from_numpy(array.reshape(shape, order=order))
+    _MAPPED[tensor.untyped_storage().data_ptr()] = mapped
+    return tensor
+
+
+#: The maps made here, by the address of their first byte, so that a pass over one can advise
+#: it (weakly held: a map is closed when the last tensor over it is freed).
+_MAPPED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+@contextlib.contextmanager
+def reading_in_order(values: torch.Tensor):
+    """Within: the kernel reads ahead in the map under ``values`` (a pass in file order, 0.8
+    GB/s from the disk here, against 0.03 GB/s a page at a time); after: random again. Nothing
+    for a tensor that is not a map made by :func:`map_array`."""
+    mapped = _MAPPED.get(values.untyped_storage().data_ptr())
+    if mapped is None or not hasattr(mapped, "madvise"):
+        yield
+        return
+    mapped.madvise(mmap.MADV_NORMAL)
+    try:
+        yield
+    finally:
+        mapped.madvise(mmap.MADV_RANDOM)

@@ -258,3 +258,33 @@ def test_a_mapped_file_is_written_only_in_this_process_copy(tmp_path):
     raw.values[0] += 1  # copy-on-write: the page is copied, the file stays as it was
     assert not torch.equal(raw.values[0], torch.from_numpy(stored[0]))
     assert np.array_equal(np.load(path), stored)
+
+
+def test_a_mapped_file_is_advised_random_and_a_pass_in_order_reads_ahead(tmp_path, monkeypatch):
+    import mmap
+
+    from pyro_vae import mapping
+
+    path = tmp_path / "images.npy"
+    np.save(path, _bytes(10))
+    values = read_path(path).values
+    mapped = mapping._MAPPED[values.untyped_storage().data_ptr()]  # registered: a pass may advise it
+    advised = []
+    monkeypatch.setattr(mapping, "_MAPPED", {values.untyped_storage().data_ptr(): _Advised(mapped, advised)})
+    with mapping.reading_in_order(values):
+        assert advised == [mmap.MADV_NORMAL]
+    assert advised == [mmap.MADV_NORMAL, mmap.MADV_RANDOM]
+    with mapping.reading_in_order(torch.zeros(3)):  # not a map: nothing to advise
+        pass
+    assert len(advised) == 2
+
+
+class _Advised:
+    """A map that records the advice it is given, then passes it on."""
+
+    def __init__(self, mapped, advised):
+        self.mapped, self.advised = mapped, advised
+
+    def madvise(self, advice):
+        self.advised.append(advice)
+        self.mapped.madvise(advice)
