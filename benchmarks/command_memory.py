@@ -4,7 +4,9 @@ and ``plot``, each a fresh ``pyro-vae`` process, on MNIST.
 For each config in ``configs/``: ``train`` for one epoch of ``--train-limit`` images (the peak of
 a training run is reached in its first epoch: the data, the model, the optimizer's state and
 one batch's graph, none of which grows with the epochs), then ``evaluate`` (its default K =
-1000), ``compare-elbo`` (its defaults) and ``plot`` of that run. ``--limit`` bounds the test
+1000), ``compare-elbo`` (one repeat and two gradient draws: its graphs hold one pass or one draw at
+a time, so its defaults, 5 repeats and 50 draws, take longer and add only the draws' gradient
+vectors, 4 bytes a weight each) and ``plot`` of that run. ``--limit`` bounds the test
 images of ``evaluate`` and ``compare-elbo``: their memory is bounded by their chunk sizes, not
 the images (``benchmarks/compare_memory.py`` shows it for ``compare-elbo``; ``--flat`` repeats the
 first config's two commands with all 10,000 images to show it here). Each row is the peak
@@ -55,7 +57,8 @@ def main() -> None:
                 "train": ["train", "--config", config, "--out", str(run), "--epochs", "1",
                           "--set", f"data.train_limit={args.train_limit}"],
                 "evaluate": ["evaluate", str(run), "--limit", str(args.limit)],
-                "compare-elbo": ["compare-elbo", str(run), "--limit", str(args.limit)],
+                "compare-elbo": ["compare-elbo", str(run), "--limit", str(args.limit), "--repeats", "1",
+                                 "--grad-samples", "2"],
                 "plot": ["plot", str(run)],
             }
             if args.flat and index == 0:
