@@ -2,7 +2,7 @@
 memory each process holds, an epoch over a file larger than the machine's memory, and the
 default model's epoch.
 
-Three measurements, each a set of fresh ``pyro-vae train`` processes started side by side in one run:
+Four measurements, each a set of fresh ``pyro-vae train`` processes started side by side in one run:
 
 ``startup``
     A 100,000-image RGB 64 x 64 ``uint8`` file (1.23 GB, made once under ``--work``) trained with
@@ -22,6 +22,11 @@ Three measurements, each a set of fresh ``pyro-vae train`` processes started sid
     beside the same network on ``--in-memory`` images of the same shape read whole into memory
     (a ``.pt`` file). Reports images per second of each epoch and the peak anonymous memory.
 
+``folder``
+    ``--images`` RGB 64 x 64 PNG files (20,000 by default) decoded into the cache of
+    :mod:`pyro_vae.folder_cache` by its worker processes and, for comparison, in one process;
+    then a second read, which maps the cache. Seconds in all and per 1,000 images.
+
 ``default-speed``
     The default model's seconds per MNIST epoch (``configs/default.toml``) with this checkout and
     with ``--baseline``, alternating, and their ratio: MNIST is read as bytes and converted a
@@ -30,6 +35,7 @@ Three measurements, each a set of fresh ``pyro-vae train`` processes started sid
     python benchmarks/large_data.py startup --work /tmp/pyro-vae-large --baseline /tmp/old
     python benchmarks/large_data.py larger-than-memory --work /tmp/pyro-vae-large --gigabytes 30
     python benchmarks/large_data.py default-speed --baseline /tmp/old
+    python benchmarks/large_data.py folder --images 20000
 
 The files are written once and reused; delete ``--work`` afterwards (the 30 GB file is large).
 """
@@ -247,6 +253,53 @@ def default_speed(args) -> None:
           f"{medians['baseline']:.2f}; ratio {medians['this checkout'] / medians['baseline']:.3f}")
 
 
+#: Each row of ``folder`` reads the folder in a fresh process and prints its seconds.
+FOLDER_CHILD = """
+import sys, time
+import pyro_vae.folder_cache as cache
+from pyro_vae.sources import read_folder
+if sys.argv[3] == "in-process":
+    cache.POOL_MIN_FILES = 10**9
+started = time.perf_counter()
+raw = read_folder(sys.argv[1], cache_dir=sys.argv[2])
+print(time.perf_counter() - started, len(raw))
+"""
+
+
+def make_folder(folder: Path, n: int, size: int = 64) -> Path:
+    """``n`` RGB PNGs of ``size`` x ``size``: smooth gradients plus noise, which compress like
+    small photographs rather than like pure noise. Made once."""
+    from PIL import Image
+
+    if folder.is_dir() and len(list(folder.glob("*.png"))) == n:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:size, 0:size]
+    for i in range(n):
+        base = np.stack([x * rng.uniform(1, 4), y * rng.uniform(1, 4), (x + y) * rng.uniform(0.5, 2)], -1) % 256
+        Image.fromarray(np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)).save(
+            folder / f"{i:06d}.png")
+    return folder
+
+
+def folder(args) -> None:
+    """Decoding a folder of PNGs into the cache: with the worker processes, in this process, and
+    the second read, which maps the cache and decodes nothing; each in a fresh process."""
+    work = Path(args.work)
+    images = make_folder(work / f"png{args.images}", args.images)
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent))
+    for how, fresh in (("workers", True), ("in-process", True), ("second read", False)):
+        cache = work / ("cache-workers" if how != "in-process" else "cache-in-process")
+        if fresh:
+            shutil.rmtree(cache, ignore_errors=True)
+        out = subprocess.run([sys.executable, "-c", FOLDER_CHILD, str(images), str(cache), how], env=env, cwd=work,
+                             capture_output=True, text=True, check=True).stdout.split()
+        seconds, count = float(out[0]), int(out[1])
+        print(json.dumps({"how": how, "images": count, "seconds": round(seconds, 3),
+                          "seconds_per_1000": round(seconds / count * 1000, 3)}), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -263,8 +316,12 @@ def main() -> None:
     three.add_argument("--baseline", metavar="SRC", required=True)
     three.add_argument("--epochs", type=int, default=3)
     three.add_argument("--repeats", type=int, default=3)
+    four = commands.add_parser("folder")
+    four.add_argument("--work", default="/tmp/pyro-vae-large")
+    four.add_argument("--images", type=int, default=20_000)
     args = parser.parse_args()
-    {"startup": startup, "larger-than-memory": larger_than_memory, "default-speed": default_speed}[args.command](args)
+    {"startup": startup, "larger-than-memory": larger_than_memory, "default-speed": default_speed,
+     "folder": folder}[args.command](args)
 
 
 if __name__ == "__main__":
