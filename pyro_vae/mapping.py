@@ -66,8 +66,8 @@ _MAPPED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 @contextlib.contextmanager
 def reading_in_order(values: torch.Tensor):
-    """Within: the kernel reads ahead in the map under ``values`` (a pass in file order, 0.8
-    GB/s from the disk here, against 0.03 GB/s a page at a time); after: random again. Nothing
+    """Within: the kernel reads ahead in the map under ``values`` (a pass in file order, which
+    a page at a time would read many times slower from a disk); after: random again. Nothing
     for a tensor that is not a map made by :func:`map_array`."""
     mapped = _MAPPED.get(values.untyped_storage().data_ptr())
     if mapped is None or not hasattr(mapped, "madvise"):
