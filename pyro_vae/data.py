@@ -132,10 +132,11 @@ class ImageData:
         this split) as float32, as the model sees them."""
         return self._as_float(self._stored(key))
 
-    def chunks(self, max_values: int = CHUNK_VALUES):
-        """``(begin, end)`` bounds of consecutive pieces of about ``max_values`` values each."""
+    def chunks(self, max_values: int | None = None):
+        """``(begin, end)`` bounds of consecutive pieces of about ``max_values`` values each
+        (default :data:`CHUNK_VALUES`, read when called)."""
         per_item = max(1, math.prod(self.image_shape))
-        step = max(1, max_values // per_item)
+        step = max(1, (max_values or CHUNK_VALUES) // per_item)
         return [(begin, min(begin + step, len(self))) for begin in range(0, len(self), step)]
 
     def head(self, n: int) -> "ImageData":
@@ -149,13 +150,18 @@ class ImageData:
     def take(self, index: torch.Tensor | slice) -> "ImageData":
         """The items at ``index`` (positions in this split: a 1-D integer tensor, or a slice of
         step 1), in its order. Copies no values, only the index and the labels."""
-        if isinstance(index, slice):
-            begin, end, step = index.indices(len(self))
-            if step != 1:
-                raise ValueError("take: a slice of step 1")
-            index = slice(begin, max(begin, end))
+        index = self._plain(index)
         labels = None if self.labels is None else self.labels[index]
         return dataclasses.replace(self, rows=self._rows_at(index), labels=labels)
+
+    def _plain(self, key: torch.Tensor | slice) -> torch.Tensor | slice:
+        """``key`` with a slice's bounds made explicit and inside this split (step 1 only)."""
+        if not isinstance(key, slice):
+            return key
+        begin, end, step = key.indices(len(self))
+        if step != 1:
+            raise ValueError(f"ImageData: slices of step 1 only, not {step}")
+        return slice(begin, max(begin, end))
 
     def _rows_at(self, index: torch.Tensor | slice) -> torch.Tensor | slice:
         """Rows of ``values`` at positions ``index`` of this split."""
@@ -169,12 +175,7 @@ class ImageData:
 
     def _stored(self, key: torch.Tensor | slice) -> torch.Tensor:
         """The stored values of the items at ``key``, as stored."""
-        if isinstance(key, slice):
-            begin, end, step = key.indices(len(self))
-            if step != 1:
-                raise ValueError("ImageData: a slice of step 1")
-            key = slice(begin, max(begin, end))
-        rows = self._rows_at(key)
+        rows = self._rows_at(self._plain(key))
         if isinstance(rows, slice):
             return self.values[rows]
         # in increasing row order, then put back in place: a memory-mapped file is then read
@@ -237,12 +238,6 @@ def _missing(root: Path, spec: TorchvisionDataset, tried_download: bool = False)
     return DataNotFoundError(f"dataset files not found in {where}/ (expected {', '.join(spec.files)}); {how}")
 
 
-def _fingerprint_rows(values: torch.Tensor) -> int:
-    """Rows hashed at once: :data:`CHUNK_VALUES` values, so hashing a file larger than memory
-    holds only one piece of it at a time."""
-    return max(1, CHUNK_VALUES // max(1, math.prod(values.shape[1:])))
-
-
 def fingerprint(*parts: RawData) -> str:
     """SHA-256 (hex) of the values and labels of ``parts``, with their types and shapes:
     the same bytes read give the same string; one changed value, another shape or other labels
@@ -256,10 +251,9 @@ def fingerprint(*parts: RawData) -> str:
         values = part.values
         hashed_as = values.dtype if values.dtype in (torch.uint8, torch.float32) else torch.float32
         digest.update(f"{hashed_as}{tuple(values.shape)};".encode())
-        step = _fingerprint_rows(values)
-        with reading_in_order(values):
-            for begin in range(0, values.shape[0], step):
-                digest.update(values[begin : begin + step].to(hashed_as).contiguous().numpy())
+        with reading_in_order(values):  # a piece at a time: a file larger than memory is never held
+            for begin, end in ImageData(values).chunks():
+                digest.update(values[begin:end].to(hashed_as).contiguous().numpy())
         if part.labels is None:
             digest.update(b"no labels;")
         else:
