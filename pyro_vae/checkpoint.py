@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .config import from_dict
-from .model import build_vae
+from .labelled import build_model
 
 CHECKPOINT_NAME = "checkpoint.pt"
 #: Keys every checkpoint written by :func:`pyro_vae.fit` has.
@@ -34,7 +34,7 @@ BUILT_FROM_CONFIG, BUILT_BY_HAND = "config", "hand"
 
 def training_state(*, config: dict, image_shape, model: dict, optimizer: dict, rng: dict, epoch: int, step: int,
                    history: list, order=None, partial=None, data: dict | None = None, plugins=(),
-                   built: str = BUILT_FROM_CONFIG, snapshots: dict | None = None) -> dict:
+                   built: str = BUILT_FROM_CONFIG, snapshots: dict | None = None, num_classes: int = 0) -> dict:
     """The checkpoint's layout, in one place: everything needed to resume or reload a run.
 
     :param config: the run's config as a dict (``Config.to_dict()``).
@@ -54,11 +54,12 @@ def training_state(*, config: dict, image_shape, model: dict, optimizer: dict, r
         "frames": [{"epoch", "reconstructions", "samples"}, ...]}``; ``None`` for vector data.
         Kept here, not in a file beside, so that it always matches the weights: a resumed run
         ends with the snapshots of an uninterrupted one. Checkpoints written before it lack it.
+    :param num_classes: a labelled model's number of classes (0 for a VAE without labels).
     """
     return {
         "config": config, "image_shape": list(image_shape), "model": model, "optimizer": optimizer, "rng": rng,
         "epoch": epoch, "step": step, "order": order, "partial": partial, "history": history,
-        "data": data, "plugins": list(plugins), "built": built, "snapshots": snapshots,
+        "data": data, "plugins": list(plugins), "built": built, "snapshots": snapshots, "num_classes": num_classes,
     }
 
 
@@ -184,7 +185,8 @@ def load_run(run_dir: str | Path, vae=None):
     and shapes are checked).
 
     ``vae.model(x)`` and ``vae.guide(x)`` work with Pyro's ``SVI``; ``vae.encode(x)`` is
-    q(z|x), ``vae.decode(z)`` is p(x|z), ``vae.prior()`` is p(z).
+    q(z|x), ``vae.decode(z)`` is p(x|z), ``vae.prior()`` is p(z). A labelled run gives a
+    :class:`~pyro_vae.labelled.LabelledVAE`, whose programs and densities also take ``y``.
     """
     path = Path(run_dir) / CHECKPOINT_NAME
     state = load_checkpoint(path)
@@ -193,7 +195,7 @@ def load_run(run_dir: str | Path, vae=None):
         if state.get("built", BUILT_FROM_CONFIG) == BUILT_BY_HAND:
             raise CheckpointError(f"{run_dir} was trained on a VAE built by hand, which its config does not "
                                   "describe: build the same VAE and pass it, load_run(run_dir, vae=...)")
-        vae = build_vae(config.model, tuple(state["image_shape"]))
+        vae = build_model(config.model, tuple(state["image_shape"]), state.get("num_classes", 0))
     try:
         vae.load_state_dict(state["model"])
     except RuntimeError as error:  # missing, unexpected or differently shaped weights

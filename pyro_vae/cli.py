@@ -38,6 +38,7 @@ from .distributed import (DEVICES, DistributedError, is_communication_error, lau
 from .elbo import evaluate
 from .folder_cache import BESIDE_DATA, CACHE_ENV
 from .guides import GUIDES
+from .labelled import LabelledVAE, evaluate_labelled
 from .model import check_model_fits
 from .monitor import TensorBoardMissing, require_tensorboard
 from .priors import PRIORS
@@ -331,10 +332,13 @@ def _train(args) -> int:
         runtime = setup(args.device)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    finished = False
     try:
-        return _train_on(runtime, args)
+        status = _train_on(runtime, args)
+        finished = True
+        return status
     finally:
-        teardown()
+        teardown(finished)
 
 
 def _train_on(runtime, args) -> int:
@@ -481,8 +485,12 @@ def _evaluate(args) -> int:
     images = _first(test, args.limit, "--limit", config.data.dataset)
     started = time.perf_counter()
     compiled = {"auto": None, "on": True, "off": False}[args.compile]
-    result = evaluate(vae, images, num_samples=args.num_samples, progress=not args.quiet, seed=args.seed,
-                      compiled=compiled)
+    if isinstance(vae, LabelledVAE):  # accuracy, and log p(x) summed over the classes
+        result = evaluate_labelled(vae, images, images.labels, num_samples=args.num_samples, progress=not args.quiet,
+                                   seed=args.seed)
+    else:
+        result = evaluate(vae, images, num_samples=args.num_samples, progress=not args.quiet, seed=args.seed,
+                          compiled=compiled)
     result.update(_evaluated_how(config, args, seconds=time.perf_counter() - started))
     path = Path(args.run_dir) / f"evaluation_k{args.num_samples}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
@@ -598,6 +606,10 @@ def _compare_elbo(args) -> int:
     if not args.run_dir:
         raise ConfigError("compare-elbo needs RUN_DIR, a trained run; compare-training trains one run per estimator")
     vae, config, test = _trained_and_test(args)
+    if isinstance(vae, LabelledVAE):
+        raise ConfigError(f"compare-elbo compares estimators of z on runs without labels; {args.run_dir} is a "
+                          f"model.labels = {config.model.labels!r} run, whose comparison of enumeration and sampling "
+                          "is not built yet")
     estimators = _usable_on(vae, config, estimators)
     images = _first(test, args.limit, "--limit", config.data.dataset)
     records = compare.compare_estimators(vae, images, estimators, repeats=args.repeats, grad_samples=args.grad_samples)

@@ -27,6 +27,11 @@ from .contract import ComponentError, ConfigError
 from .datasets import DATASETS, check_dataset_config
 from .elbo import ELBOS
 
+#: ``model.labels`` and ``objective.labels_by`` (as :mod:`pyro_vae.labelled` names them; that
+#: module builds the models, this one only checks the names)
+LABEL_MODES = ("none", "conditional", "semi_supervised")
+LABELS_BY = ("enumerate", "score_function", "gumbel_softmax")
+
 # ConfigError is importable from here too, but documented where it lives: pyro_vae.contract
 __all__ = ["Config", "DataConfig", "ModelConfig", "ObjectiveConfig", "TrainConfig", "load_config", "save_config",
            "from_dict", "apply_overrides", "parse_override", "validate", "MAX_SEED"]
@@ -56,6 +61,10 @@ class DataConfig:
     #: Real-valued data: subtract the training split's mean and divide by its standard
     #: deviation, feature by feature (for the Gaussian and Laplace likelihoods).
     standardize: bool = False
+    #: Semi-supervised runs (``model.labels = "semi_supervised"``): keep the labels of this many
+    #: training items, balanced across the classes and drawn by ``split_seed``; the others are
+    #: unlabelled. 0: every training item keeps its label.
+    labelled: int = 0
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,10 @@ class ModelConfig:
     #: Start the decoder's output bias at the link of the mean training datum: the logit of
     #: the mean pixel for logit features (Burda et al. 2015); false: the default initialization.
     init_output_bias: bool = False
+    #: "none"; "conditional": p(x|z,y) and q(z|x,y) with the label y of every item observed;
+    #: "semi_supervised": the M2 model, y observed where labelled and latent elsewhere, with a
+    #: classifier q(y|x) (:mod:`pyro_vae.labelled`).
+    labels: str = "none"
 
 
 @dataclass(frozen=True)
@@ -97,6 +110,14 @@ class ObjectiveConfig:
     #: Weight of the reconstruction term log p(x|z) during training; 0 switches it off (the
     #: objective is then -KL alone, and q(z|x) collapses onto the prior). Evaluation uses 1.
     reconstruction_weight: float = 1.0
+    #: Semi-supervised runs, how a latent label is handled: "enumerate" (summed out exactly,
+    #: TraceEnum_ELBO), "score_function" (sampled, with a baseline: TraceGraph_ELBO) or
+    #: "gumbel_softmax" (a relaxed one-hot draw at ``temperature``).
+    labels_by: str = "enumerate"
+    temperature: float = 0.5
+    #: Semi-supervised runs: the weight of -log q(y|x) on each labelled item of a batch (the
+    #: alpha of Kingma et al. 2014, eq. 9).
+    classifier_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -114,6 +135,9 @@ class TrainConfig:
     #: Write each epoch's scalars and image grids for TensorBoard to RUN/tensorboard (needs the
     #: optional tensorboard package: pip install 'pyro-vae[tensorboard]'). Changes no number.
     tensorboard: bool = False
+    #: Semi-supervised runs: labelled items in each batch (the few labelled items are drawn
+    #: again and again, so that every step sees some; the unlabelled ones fill the rest).
+    labelled_per_batch: int = 32
 
 
 @dataclass(frozen=True)
@@ -150,6 +174,8 @@ def _choices() -> dict[str, list[str]]:
         "model.guide": sorted(REGISTRIES["guide"]),
         "objective.elbo": sorted(ELBOS),
         "objective.beta_schedule": ["constant", "cyclical", "warmup"],
+        "model.labels": list(LABEL_MODES),
+        "objective.labels_by": list(LABELS_BY),
         "train.lr_schedule": ["constant", "cosine"],
     }
 
@@ -165,6 +191,10 @@ _BOUNDS = {
     "data.split_seed": (0, True),
     "data.image_size": (0, True),
     "data.val_size": (1, True),
+    "data.labelled": (0, True),
+    "objective.temperature": (0.0, False),
+    "objective.classifier_weight": (0.0, True),
+    "train.labelled_per_batch": (1, True),
     "model.z_dim": (1, True),
     "model.hidden_dim": (1, True),
     "model.num_layers": (1, True),
@@ -279,6 +309,22 @@ def validate(config: Config) -> None:
             _check_value(f"{section}.{key}", value, choices)
     check_dataset_config(config.data)  # the name or path, and split sizes the data can give
     _check_components(config)
+    _check_labels(config)
+
+
+def _check_labels(config: Config) -> None:
+    """The keys of the labelled models against each other (:mod:`pyro_vae.labelled`)."""
+    labels = config.model.labels
+    if config.data.labelled and labels != "semi_supervised":
+        raise ConfigError(f"data.labelled = {config.data.labelled}: only a semi-supervised run keeps some labels and "
+                          f"not others; set model.labels = 'semi_supervised', or data.labelled = 0")
+    if labels == "semi_supervised" and config.objective.elbo != "mc":
+        raise ConfigError(f"objective.elbo = {config.objective.elbo!r} with model.labels = 'semi_supervised': a latent "
+                          "label is summed out or sampled by objective.labels_by, with z drawn as for 'mc'; "
+                          "set objective.elbo = 'mc'")
+    if labels == "semi_supervised" and config.train.labelled_per_batch >= config.train.batch_size:
+        raise ConfigError(f"train.labelled_per_batch = {config.train.labelled_per_batch} leaves no room for unlabelled "
+                          f"items in batches of train.batch_size = {config.train.batch_size}; choose fewer")
 
 
 def _check_components(config: Config) -> None:

@@ -555,13 +555,14 @@ def iterate_batches(
 ):
     """Yield ``(step, batch)`` over one epoch: the items of a seeded permutation, a batch at a time.
 
-    ``order`` is the epoch's permutation of the images (``torch.randperm``); with
+    ``order`` is the epoch's order of the images (a ``torch.randperm``, or any sequence of
+    positions, some repeated: a semi-supervised run draws its labelled items again); with
     ``dynamic=True`` every batch is freshly binarized from ``generator``. ``start`` lets an
     interrupted epoch continue at the step where it stopped. ``shard(n)`` gives the
     ``(begin, end)`` part of a batch of ``n`` this process trains on: only those items are
     read (converted to float and binarized), the batch's other items are other ranks' to read.
     """
-    for step, begin in enumerate(range(start * batch_size, len(images), batch_size), start):
+    for step, begin in enumerate(range(start * batch_size, len(order), batch_size), start):
         rows = order[begin : begin + batch_size]
         first, last = shard(len(rows))
         batch = images[rows[first:last]]

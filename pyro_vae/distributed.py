@@ -20,6 +20,7 @@ system every node sees, since all ranks read the checkpoint on ``--resume``.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -121,8 +122,19 @@ def current_runtime(device: str | torch.device = "cpu") -> Runtime:
     return Runtime(resolve_device(device))
 
 
-def teardown() -> None:
+def teardown(finished: bool = True) -> None:
+    """Leave the process group; after a run that ``finished``, once the objects using it are gone.
+
+    ``DistributedDataParallel`` keeps a reference to the group (and to gloo's pending work)
+    in reference cycles, which only the garbage collector frees: left to the interpreter's
+    shutdown, that happens after parts of torch are torn down, and a CI run once saw a rank
+    abort there ("terminate called without an active exception"). Collecting them first
+    frees them while everything they need is alive. Not after a failure: another rank may be
+    gone, and the launcher stops this one soon, so the error line comes first.
+    """
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            gc.collect()
         dist.destroy_process_group()
 
 

@@ -82,7 +82,13 @@ def _device_of(vae) -> torch.device:
 
 @torch.no_grad()
 def elbo_per_image(vae, x: torch.Tensor) -> torch.Tensor:
-    """One-sample Monte Carlo ELBO of each image: ``log p(x|z) + log p(z) - log q(z|x)``, shape ``(B,)``."""
+    """One-sample Monte Carlo ELBO of each image: ``log p(x|z) + log p(z) - log q(z|x)``, shape ``(B,)``.
+
+    A model with more latent sites than z (a :class:`~pyro_vae.labelled.LabelledVAE`) gives
+    its own bound by its ``elbo_per_image`` method."""
+    own = getattr(vae, "elbo_per_image", None)
+    if own is not None:
+        return own(x)
     q = vae.encode(x)
     z = q.sample()
     return vae.decode(z).log_prob(x) + vae.prior().log_prob(z) - q.log_prob(z)

@@ -81,13 +81,16 @@ def validation_terms(vae, images: torch.Tensor, seed: int, device: torch.device 
     """
     reconstruction = kl = 0.0
     means = []
+    # a labelled VAE's q(z|x,y) and p(x|z,y) are taken at each datum's most probable class
+    predict = getattr(vae, "predict", None)
     with seeded(seed, device):
         prior = vae.prior()
         for start in range(0, len(images), VALIDATION_BATCH):
             x = images[start : start + VALIDATION_BATCH].to(device)
-            q = vae.encode(x)
+            label = () if predict is None else (predict(x),)
+            q = vae.encode(x, *label)
             z = q.sample()
-            reconstruction += vae.decode(z).log_prob(x).sum().item()
+            reconstruction += vae.decode(z, *label).log_prob(x).sum().item()
             kl += (q.log_prob(z) - prior.log_prob(z)).sum().item()
             means.append(_code(vae, x, q))
     activity = torch.cat(means).var(0)

@@ -37,11 +37,12 @@ from .callbacks import CallbackList, Console, RecordCallback
 from .checkpoint import BUILT_BY_HAND, BUILT_FROM_CONFIG, training_state
 from .config import Config, from_dict
 from .data import ImageData, Splits, binarize_once, check_likelihood_range, iterate_batches, prepare
-from .distributed import (ELBOLoss, Runtime, SharedNoise, all_reduce_sum, current_runtime, data_parallel, local_part,
+from .distributed import (Runtime, SharedNoise, all_reduce_sum, current_runtime, data_parallel, local_part,
                           shard_bounds)
-from .elbo import make_elbo, mean_elbo
+from .elbo import mean_elbo
+from .labelled import LabelledVAE, build_model, labelled_order, make_training_loss, training_labels, accuracy
 from .likelihoods import LIKELIHOODS
-from .model import LATENT, VAE, build_vae, init_output_bias
+from .model import LATENT, VAE, init_output_bias
 from .monitor import Monitor
 from .run_folder import METRICS_NAME, RunFolder
 from .seeding import preserved, probing
@@ -246,8 +247,8 @@ class _Parts:
     config: Config
     runtime: Runtime
     vae: VAE
-    #: the batch's negative ELBO (:class:`~pyro_vae.distributed.ELBOLoss`)
-    loss: ELBOLoss
+    #: the batch's negative ELBO (:func:`~pyro_vae.labelled.make_training_loss`)
+    loss: torch.nn.Module
     #: ``loss``, wrapped in ``DistributedDataParallel`` in a process group
     objective: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -261,11 +262,35 @@ class _Parts:
     source: dict
     built: str
     plugins: Sequence[str]
+    #: a labelled run's training labels (``-1``: an item whose label is not used), else None
+    labels: torch.Tensor | None = None
+    #: the number of classes of a labelled run (0 otherwise)
+    num_classes: int = 0
+
+    @property
+    def epoch_items(self) -> int:
+        """The items of one epoch: every training item once, and a semi-supervised run's
+        labelled ones as often as its batches draw them (:func:`epoch_order`)."""
+        if self.labels is None or self.config.model.labels != "semi_supervised":
+            return len(self.images)
+        unlabelled = int((self.labels < 0).sum())
+        if unlabelled in (0, len(self.labels)):
+            return len(self.images)
+        per_batch = min(self.config.train.labelled_per_batch, self.config.train.batch_size - 1)
+        return unlabelled + math.ceil(unlabelled / (self.config.train.batch_size - per_batch)) * per_batch
 
     @property
     def num_steps(self) -> int:
         """The steps of one epoch (the last batch may be short)."""
-        return math.ceil(len(self.images) / self.config.train.batch_size)
+        return math.ceil(self.epoch_items / self.config.train.batch_size)
+
+    def epoch_order(self) -> torch.Tensor:
+        """The order of an epoch's items, from the data's stream: a permutation (the labelled
+        items repeated among the unlabelled ones for a semi-supervised run)."""
+        if self.labels is None or self.config.model.labels != "semi_supervised":
+            return torch.randperm(len(self.images), generator=self.generator)
+        return labelled_order(self.labels, self.config.train.batch_size, self.config.train.labelled_per_batch,
+                              self.generator)
 
 
 def _fresh_sums() -> dict:
@@ -310,9 +335,15 @@ def _prepare(config: Config, splits: Splits, device, vae: VAE | None, built: str
     """Seed; build the VAE (or check the one given); check and prepare the data; make the
     optimizer and the loss. In this order: it is the order of the draws from the seeded stream."""
     runtime = current_runtime(device)
+    labels, num_classes = training_labels(config, splits)  # one line if the data cannot give them
+    if labels is not None and runtime.distributed:
+        raise ValueError(f"model.labels = {config.model.labels!r} trains in one process for now; run it without "
+                         "torchrun")
     pyro.set_rng_seed(config.train.seed)
     if vae is None:
-        vae = build_vae(config.model, splits.train.image_shape)  # checks its parts' shapes
+        vae = build_model(config.model, splits.train.image_shape, num_classes)  # checks its parts' shapes
+    elif isinstance(vae, LabelledVAE):
+        num_classes = vae.num_classes
     else:  # a user's modules: the same check, one clear line instead of a shape error mid-step
         vae.check_shapes(splits.train.image_shape)
     check_data(config, splits, vae.likelihood)  # before binarization draws from values it cannot take
@@ -322,13 +353,14 @@ def _prepare(config: Config, splits: Splits, device, vae: VAE | None, built: str
     val_images = prepare(splits.val, config.data.binarize)
     vae = vae.to(runtime.device)
     optimizer = make_optimizer(vae.parameters(), config.train.lr)
-    loss = ELBOLoss(vae, make_elbo(config.objective.elbo, config.objective.num_particles))
+    loss = make_training_loss(vae, config.objective)
     objective = data_parallel(loss, runtime, may_mask=_may_mask(config.objective))
     # Splits built by hand have no source: say so, so that no command reads other data for it
     source = splits.source or {"dataset": None, "kind": "tensors", "path": None, "fingerprint": None}
     return _Parts(config=config, runtime=runtime, vae=vae, loss=loss, objective=objective, optimizer=optimizer,
                   generator=torch.Generator().manual_seed(config.train.seed), images=images, val_images=val_images,
-                  image_shape=splits.train.image_shape, source=source, built=built, plugins=plugins)
+                  image_shape=splits.train.image_shape, source=source, built=built, plugins=plugins,
+                  labels=labels, num_classes=num_classes)
 
 
 def _restore(parts: _Parts, checkpoint: dict | None) -> _Loop:
@@ -388,7 +420,7 @@ def _train_epoch(parts: _Parts, loop: _Loop, beta: float, callbacks: CallbackLis
         that saw it.
     """
     if loop.order is None:
-        loop.order = torch.randperm(len(parts.images), generator=parts.generator)
+        loop.order = parts.epoch_order()
     callbacks.epoch_begins(loop.epoch, loop.step)
     started = time.perf_counter()
     stopping = False
@@ -397,7 +429,9 @@ def _train_epoch(parts: _Parts, loop: _Loop, beta: float, callbacks: CallbackLis
     batches = iterate_batches(parts.images, batch_size, parts.generator, dynamic, loop.order, loop.step,
                               shard=lambda size: local_part(size, runtime)[:2])  # each rank reads its part
     for index, batch in batches:
-        size = min(batch_size, len(parts.images) - index * batch_size)  # the batch's items on all ranks
+        size = min(batch_size, len(loop.order) - index * batch_size)  # the batch's items on all ranks
+        if parts.labels is not None:  # a labelled run's model takes the batch's labels beside it
+            batch = (batch, parts.labels[loop.order[index * batch_size : index * batch_size + size]])
         batch_loss, stopping = _step(parts, batch, size, beta, stop, index)
         loop.partial["loss"] += batch_loss
         loop.partial["images"] += size
@@ -452,17 +486,19 @@ def _checked_loss(parts: _Parts, batch: torch.Tensor, size: int, beta: float, in
     raise _NonFinite("a parameter of q(z|x) or p(x|z) is NaN or infinite", index)
 
 
-def _batch_loss(module: torch.nn.Module, parts: _Parts, batch: torch.Tensor, size: int, beta: float
+def _batch_loss(module: torch.nn.Module, parts: _Parts, batch: torch.Tensor | tuple, size: int, beta: float
                 ) -> torch.Tensor:
     """The negative ELBO of ``batch``, this rank's part of a batch of ``size`` items, computed
     by ``module`` (the loss, or its DDP wrapper), weighted so that the gradients reduced over
     ranks are the whole batch's."""
     runtime, weight = parts.runtime, parts.config.objective.reconstruction_weight
+    # the items, and a labelled run's labels beside them
+    inputs = [t.to(runtime.device, non_blocking=True) for t in (batch if isinstance(batch, tuple) else (batch,))]
     if not runtime.distributed:
-        return module(batch.to(runtime.device, non_blocking=True), beta=beta, reconstruction_weight=weight)
+        return module(*inputs, beta=beta, reconstruction_weight=weight)
     begin, end, scale = local_part(size, runtime)
     with SharedNoise(LATENT, begin, end, size):
-        return module(batch.to(runtime.device, non_blocking=True), beta=beta, reconstruction_weight=weight) * scale
+        return module(*inputs, beta=beta, reconstruction_weight=weight) * scale
 
 
 def _numbers_blew_up(parts: _Parts, batch: torch.Tensor, size: int, beta: float) -> bool:
@@ -501,7 +537,7 @@ def _end_epoch(parts: _Parts, loop: _Loop, lr: float, beta: float, folder: RunFo
 def _epoch_record(parts: _Parts, loop: _Loop, lr: float, beta: float) -> dict:
     """The metrics record of the epoch ``loop`` has just trained: a line of ``metrics.jsonl``."""
     partial = loop.partial
-    return {
+    record = {
         "epoch": loop.epoch + 1,
         "train_loss": partial["loss"] / partial["images"],
         "val_elbo": _validation_elbo(parts.vae, parts.val_images, parts.runtime),
@@ -511,6 +547,11 @@ def _epoch_record(parts: _Parts, loop: _Loop, lr: float, beta: float) -> dict:
         "images_per_second": partial["images"] / partial["seconds"],
         "peak_memory_mb": peak_memory_mb(),
     }
+    if isinstance(parts.vae, LabelledVAE) and parts.val_images.labels is not None:
+        # what a semi-supervised recipe is chosen on: never the test split
+        with probing(parts.runtime.device):
+            record["val_accuracy"] = accuracy(parts.vae, parts.val_images, parts.val_images.labels)
+    return record
 
 
 def _state(parts: _Parts, loop: _Loop, snapshots: dict | None) -> dict:
@@ -522,7 +563,7 @@ def _state(parts: _Parts, loop: _Loop, snapshots: dict | None) -> dict:
         optimizer=parts.optimizer.state_dict(), rng=_rng_state(parts.generator, parts.runtime.device),
         epoch=loop.epoch, step=loop.step, order=loop.order if inside else None,
         partial=loop.partial if inside else None, history=loop.history, data=parts.source,
-        plugins=parts.plugins, built=parts.built, snapshots=snapshots,
+        plugins=parts.plugins, built=parts.built, snapshots=snapshots, num_classes=parts.num_classes,
     )
 
 

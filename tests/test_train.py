@@ -5,6 +5,7 @@ import signal
 import pytest
 import torch
 
+import pyro_vae.labelled as labelled_module
 import pyro_vae.train as train_module
 from pyro_vae.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, load_run, save_checkpoint
 from pyro_vae.config import load_config
@@ -238,7 +239,7 @@ def test_beta_reaches_the_latent_site_of_the_loss(splits, tiny_config, monkeypat
     config = tiny_config.replace(**{"train.epochs": 3, "objective.beta": 2.0, "objective.beta_schedule": "warmup",
                                     "objective.beta_epochs": 2})
     seen = []
-    real = train_module.make_elbo
+    real = labelled_module.make_elbo  # the estimator the training loss is built on
 
     class Recording:
         def __init__(self, estimator):
@@ -255,7 +256,7 @@ def test_beta_reaches_the_latent_site_of_the_loss(splits, tiny_config, monkeypat
             seen.append(tuple(weights))
             return self.estimator.differentiable_loss(model, guide, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "make_elbo", lambda *a, **k: Recording(real(*a, **k)))
+    monkeypatch.setattr(labelled_module, "make_elbo", lambda *a, **k: Recording(real(*a, **k)))
     fit(config, splits, progress=False)
     steps = math.ceil(len(splits.train) / config.train.batch_size)
     assert seen == [(beta, beta) for beta in (0.0, 1.0, 2.0) for _ in range(steps)]

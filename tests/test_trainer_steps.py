@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+import pyro_vae.labelled as labelled_module
 import pyro_vae.train as train_module
 from pyro_vae.callbacks import CallbackList
 from pyro_vae.checkpoint import CHECKPOINT_NAME, DiskFullError, RunExistsError
@@ -21,7 +22,7 @@ REFUSAL = "Expected parameter loc to satisfy the constraint Real(), but found in
 
 def _scaled_encoder(monkeypatch, factor: float) -> None:
     """Multiply every weight of the encoder ``fit`` builds by ``factor``."""
-    real = train_module.build_vae
+    real = train_module.build_model
 
     def build(*args, **kwargs):
         vae = real(*args, **kwargs)
@@ -30,7 +31,7 @@ def _scaled_encoder(monkeypatch, factor: float) -> None:
                 parameter.mul_(factor)
         return vae
 
-    monkeypatch.setattr(train_module, "build_vae", build)
+    monkeypatch.setattr(train_module, "build_model", build)
 
 
 def test_finite_weights_whose_activations_overflow_are_a_divergence(splits, tiny_config, monkeypatch):
@@ -44,7 +45,7 @@ def test_finite_weights_whose_activations_overflow_are_a_divergence(splits, tiny
 def test_an_invalid_argument_with_finite_numbers_is_raised_as_it_is(splits, tiny_config, monkeypatch):
     """A ValueError with the very text of Pyro's refusal, raised by the code whatever the
     numbers, stays the ValueError it is: the message decides nothing."""
-    real = train_module.make_elbo
+    real = labelled_module.make_elbo  # the estimator the training loss is built on
 
     class Failing:
         def __init__(self, estimator):
@@ -53,7 +54,7 @@ def test_an_invalid_argument_with_finite_numbers_is_raised_as_it_is(splits, tiny
         def differentiable_loss(self, *args, **kwargs):
             raise ValueError(REFUSAL)
 
-    monkeypatch.setattr(train_module, "make_elbo", lambda *a, **k: Failing(real(*a, **k)))
+    monkeypatch.setattr(labelled_module, "make_elbo", lambda *a, **k: Failing(real(*a, **k)))
     with pytest.raises(ValueError, match="found invalid values") as raised:
         fit(tiny_config, splits, progress=False)
     assert not isinstance(raised.value, TrainingDiverged)
