@@ -28,7 +28,7 @@ from . import __version__
 from . import compare
 from .checkpoint import (CHECKPOINT_NAME, CheckpointError, DiskFullError, RunExistsError, is_disk_full, load_checkpoint,
                          load_run)
-from .config import MAX_SEED, Config, ConfigError, from_dict, load_config, parse_override
+from .config import LABELS_BY, MAX_SEED, Config, ConfigError, from_dict, load_config, parse_override
 from .components import has_closed_form_kl, load_plugins
 from .compare import DEFAULT_ESTIMATORS, DEFAULT_TRAINING_ESTIMATORS
 from .data import DATA_ENV, DataError, DataNotFoundError, check_source, load_data, prepare
@@ -607,9 +607,7 @@ def _compare_elbo(args) -> int:
         raise ConfigError("compare-elbo needs RUN_DIR, a trained run; compare-training trains one run per estimator")
     vae, config, test = _trained_and_test(args)
     if isinstance(vae, LabelledVAE):
-        raise ConfigError(f"compare-elbo compares estimators of z on runs without labels; {args.run_dir} is a "
-                          f"model.labels = {config.model.labels!r} run, whose comparison of enumeration and sampling "
-                          "is not built yet")
+        return _compare_label_handling(args, vae, config, test)
     estimators = _usable_on(vae, config, estimators)
     images = _first(test, args.limit, "--limit", config.data.dataset)
     records = compare.compare_estimators(vae, images, estimators, repeats=args.repeats, grad_samples=args.grad_samples)
@@ -617,6 +615,28 @@ def _compare_elbo(args) -> int:
     _write_records(records, stem)
     plot_estimator_comparison(records).savefig(stem.with_suffix(".png"), dpi=110)
     _print_table(records, ["estimator", "estimate", "estimate_std", "grad_snr_encoder", "grad_snr_decoder",
+                           "seconds_per_step"])
+    return 0
+
+
+def _compare_label_handling(args, vae, config, test) -> int:
+    """``compare-elbo`` on a semi-supervised run: the label summed out against sampled, side by
+    side (:func:`~pyro_vae.compare.compare_label_estimators`); the test images as unlabelled."""
+    from .plotting import plot_estimator_comparison  # matplotlib: slow to import (see _plot)
+
+    if not vae.semi_supervised:
+        raise ConfigError(f"compare-elbo: {args.run_dir} is a conditional run, whose label is observed for every item: "
+                          "there is no latent label to sum out or sample")
+    if args.estimators:
+        raise ConfigError("--estimators: a semi-supervised run compares the ways of handling its label "
+                          f"({', '.join(LABELS_BY)}), all of them; leave --estimators out")
+    images = _first(test, args.limit, "--limit", config.data.dataset)
+    records = compare.compare_label_estimators(vae, images, repeats=args.repeats, grad_samples=args.grad_samples,
+                                               temperature=config.objective.temperature)
+    stem = Path(args.run_dir) / "label_comparison"
+    _write_records(records, stem)
+    plot_estimator_comparison(records, snr_parts=("classifier", "decoder")).savefig(stem.with_suffix(".png"), dpi=110)
+    _print_table(records, ["estimator", "estimate", "estimate_std", "grad_snr_classifier", "grad_snr_decoder",
                            "seconds_per_step"])
     return 0
 

@@ -40,6 +40,8 @@ import math
 
 import pyro
 import pyro.distributions as dist
+from pyro.distributions.torch_distribution import TorchDistributionMixin
+from torch.distributions import relaxed_categorical
 import torch
 from pyro.infer import TraceEnum_ELBO, TraceGraph_ELBO
 from torch import nn
@@ -110,6 +112,15 @@ class _Baseline(nn.Module):
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         return self.net(logits.log_softmax(-1)).squeeze(-1)
+
+
+class ExpRelaxedCategorical(relaxed_categorical.ExpRelaxedCategorical, TorchDistributionMixin):
+    """The Concrete distribution in log space (Maddison et al. 2017), as a Pyro distribution.
+
+    Its sample is the logarithm of a relaxed one-hot vector. Scored there, the density stays
+    finite: at a low temperature a relaxed draw can round to an exact one-hot vector, whose
+    zeros the simplex density (``RelaxedOneHotCategorical``) scores as NaN. The two bounds are
+    the same, the change of variables cancelling between q and p."""
 
 
 def _broadcast_rows(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -225,8 +236,8 @@ class LabelledVAE(nn.Module):
             elif _checked(labels_by) == "gumbel_softmax":
                 # the relaxed prior at the guide's temperature: the bound then holds the KL of
                 # two Concrete densities (Maddison et al. 2017, appendix C.3)
-                label = pyro.sample(LABEL, dist.RelaxedOneHotCategorical(x.new_tensor(temperature),
-                                                                         logits=x.new_zeros(self.num_classes)))
+                label = pyro.sample(LABEL, ExpRelaxedCategorical(x.new_tensor(temperature),
+                                                                 logits=x.new_zeros(self.num_classes))).exp()
             else:
                 label = pyro.sample(LABEL, self.label_prior(x))
             with site_weight(reconstruction_weight):
@@ -251,7 +262,7 @@ class LabelledVAE(nn.Module):
             raise ValueError("a conditional VAE needs the label of every item (y)")
         logits = self.classify(x)
         if labels_by == "gumbel_softmax":
-            return pyro.sample(LABEL, dist.RelaxedOneHotCategorical(x.new_tensor(temperature), logits=logits))
+            return pyro.sample(LABEL, ExpRelaxedCategorical(x.new_tensor(temperature), logits=logits)).exp()
         if labels_by == "score_function":
             # a baseline b(x) of each item (Mnih & Gregor 2014), which TraceGraph_ELBO fits to
             # the downstream cost; Pyro's decaying average would be one value per position in

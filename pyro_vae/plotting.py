@@ -339,8 +339,10 @@ def plot_manifold(vae, n: int = 15) -> Figure:
     return fig
 
 
-def plot_estimator_comparison(records: list[dict]) -> Figure:
-    """Estimate +- its spread across repeats, gradient SNR (encoder, decoder) and time per step."""
+def plot_estimator_comparison(records: list[dict], snr_parts: tuple[str, str] = ("encoder", "decoder")) -> Figure:
+    """Estimate +- its spread across repeats, gradient SNR of two parts (the records'
+    ``grad_snr_<part>``: the encoder and the decoder, or the classifier and the decoder) and
+    time per step."""
     names = [r["estimator"] for r in records]
     fig = Figure(figsize=(13, 4), layout="constrained")
     estimate, snr, cost = fig.subplots(1, 3)
@@ -348,8 +350,8 @@ def plot_estimator_comparison(records: list[dict]) -> Figure:
                       fmt="o", capsize=4)
     estimate.set_title("estimate (nats / image), +- std over repeats")
     positions = torch.arange(len(names), dtype=torch.float32)
-    snr.bar(positions - 0.2, [r["grad_snr_encoder"] or 0 for r in records], 0.4, label="encoder")
-    snr.bar(positions + 0.2, [r["grad_snr_decoder"] or 0 for r in records], 0.4, label="decoder")
+    for offset, part in zip((-0.2, 0.2), snr_parts):
+        snr.bar(positions + offset, [r[f"grad_snr_{part}"] or 0 for r in records], 0.4, label=part)
     snr.set_xticks(positions.tolist(), names)
     snr.set_yscale("log")
     snr.set_title("gradient SNR |E g| / std g (mean over parameters)")

@@ -22,7 +22,7 @@ from pyro_vae.checkpoint import load_checkpoint, load_run
 from pyro_vae.config import load_config
 from pyro_vae.contract import ConfigError, DataError
 from pyro_vae.data import from_tensors
-from pyro_vae.labelled import (LABEL, LabelledLoss, LabelledVAE, build_labelled_vae, choose_labelled,
+from pyro_vae.labelled import (LabelledLoss, LabelledVAE, build_labelled_vae, choose_labelled,
                                class_log_likelihoods, evaluate_labelled, labelled_order, make_label_elbo)
 from pyro_vae.train import fit
 
@@ -263,6 +263,20 @@ def test_more_labelled_items_than_training_items_are_one_line():
              small_config(**{"data.labelled": 500}), labelled_splits(), progress=False)
 
 
+def test_the_ways_of_handling_the_label_are_compared_side_by_side():
+    from pyro_vae.compare import compare_label_estimators
+
+    vae = small_vae()
+    x, _ = class_data(20)
+    records = compare_label_estimators(vae, x, repeats=3, grad_samples=3, grad_batch=10)
+    assert [r["estimator"] for r in records] == ["enumerate", "score_function", "gumbel_softmax"]
+    for record in records:
+        assert all(math.isfinite(record[key]) for key in ("estimate", "estimate_std", "grad_snr_classifier",
+                                                           "grad_snr_decoder", "seconds_per_step")), record
+    with pytest.raises(ValueError, match="needs a semi-supervised VAE"):
+        compare_label_estimators(small_vae("conditional"), x)
+
+
 # -- the commands ------------------------------------------------------------------------------------
 
 @pytest.mark.mnist
@@ -283,4 +297,9 @@ def test_train_and_evaluate_a_semi_supervised_run_on_mnist(tmp_path, mnist_dir):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert 0.0 <= result["test_accuracy"] <= 1.0 and result["num_images"] == 200
     assert math.isfinite(result["test_log_likelihood"]) and result["test_log_likelihood"] < 0
-    assert LABEL == "y"
+    compared = subprocess.run([sys.executable, "-m", "pyro_vae", "compare-elbo", str(run), "--limit", "40", "--repeats",
+                               "2", "--grad-samples", "2", *common], capture_output=True, text=True, timeout=300)
+    assert compared.returncode == 0, compared.stderr[-2000:]
+    records = json.loads((run / "label_comparison.json").read_text())
+    assert [r["estimator"] for r in records] == ["enumerate", "score_function", "gumbel_softmax"]
+    assert (run / "label_comparison.png").exists()
