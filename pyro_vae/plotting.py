@@ -15,6 +15,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from .elbo import IWAE_BOUNDS, kl_per_dimension
+from .labelled import LabelledVAE
 from .seeding import seeded
 
 #: Colours of classes: up to 10 or 20 classes get distinct qualitative colours; more classes
@@ -26,8 +27,13 @@ _MANY_CLASSES = "turbo"
 MAX_LABELLED_CLASSES = 20
 
 
-def _tile(images: torch.Tensor, ncol: int) -> torch.Tensor:
-    """``(N, C, H, W)`` in [0, 1] -> one ``(rows*H, ncol*W[, C])`` canvas, 1-pixel gutters."""
+def tile_images(images: torch.Tensor, ncol: int) -> torch.Tensor:
+    """Images side by side on one canvas, row by row, with 1-pixel white gutters.
+
+    :param images: ``(N, C, H, W)`` with ``C`` 1 (grey) or 3 (RGB); values are clipped to [0, 1].
+    :param ncol: images per row; the last row is padded with white.
+    :returns: ``(rows*(H+1)-1, ncol*(W+1)-1)`` for grey images, with a last axis of 3 for RGB.
+    """
     n, c, h, w = images.shape
     nrow = math.ceil(n / ncol)
     canvas = torch.ones(c, nrow * (h + 1) - 1, ncol * (w + 1) - 1)
@@ -48,7 +54,7 @@ def plot_image_grid(images: torch.Tensor, title: str = "", ncol: int = 8) -> Fig
     """A grid of images ``(N, C, H, W)`` with values in [0, 1]."""
     nrow = math.ceil(len(images) / ncol)
     fig = Figure(figsize=(ncol * 0.8, nrow * 0.8 + 0.4), layout="constrained")
-    _show(fig.add_subplot(), _tile(images, ncol), title)
+    _show(fig.add_subplot(), tile_images(images, ncol), title)
     return fig
 
 
@@ -57,7 +63,7 @@ def plot_image_panels(panels: dict[str, torch.Tensor], ncol: int = 8) -> Figure:
     fig = Figure(figsize=(5 * len(panels), 5.4), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (title, images) in zip(axes, panels.items()):
-        _show(ax, _tile(images, ncol), title)
+        _show(ax, tile_images(images, ncol), title)
     return fig
 
 
@@ -66,8 +72,8 @@ def plot_reconstructions(inputs: torch.Tensor, reconstructions: torch.Tensor) ->
     n = len(inputs)
     fig = Figure(figsize=(n * 0.8, 2.2), layout="constrained")
     top, bottom = fig.subplots(2, 1)
-    _show(top, _tile(inputs, n), "inputs")
-    _show(bottom, _tile(reconstructions, n), "reconstructions (mean of p(x|z) at z = E[z|x])")
+    _show(top, tile_images(inputs, n), "inputs")
+    _show(bottom, tile_images(reconstructions, n), "reconstructions (mean of p(x|z) at z = E[z|x])")
     return fig
 
 
@@ -251,7 +257,7 @@ def plot_latent_traversals(vae, image: torch.Tensor, dims, scores=None, what: st
     decoded = vae.decode(z.reshape(-1, z0.shape[-1])).mean
     fig = Figure(figsize=(steps * 0.7 + 1.6, len(dims) * 0.7 + 0.8), layout="constrained")
     ax = fig.add_subplot()
-    _show(ax, _tile(decoded, steps))
+    _show(ax, tile_images(decoded, steps))
     ax.set_axis_on()
     height = image.shape[-2] + 1
     ax.set_yticks([row * height + (height - 1) / 2 for row in range(len(dims))])
@@ -266,6 +272,120 @@ def plot_latent_traversals(vae, image: torch.Tensor, dims, scores=None, what: st
     return fig
 
 
+def _device_of(module: torch.nn.Module) -> torch.device:
+    """Where a model's weights are: where its draws must be made."""
+    return next(module.parameters()).device
+
+
+def _label_rows(ax, names, row_height: int) -> None:
+    """Name each row of a tiled canvas, rows ``row_height`` pixels apart (gutter included)."""
+    ax.set_axis_on()
+    ax.set_yticks([row * row_height + (row_height - 1) / 2 for row in range(len(names))])
+    ax.set_yticklabels([str(name) for name in names])
+    ax.set_xticks([])
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+@torch.no_grad()
+def plot_class_grid(vae, num_columns: int = 10, seed: int = 0, class_names=None) -> Figure:
+    """Analogies of a labelled VAE: one row per class, one column per draw of z from the prior.
+
+    Every image of a column decodes the same z with another class y, so what a column shares
+    (slant, thickness) is what z holds and what a row shares is the class: the picture of
+    Kingma et al. 2014, Semi-Supervised Learning with Deep Generative Models, Fig. 1.
+
+    :param vae: a :class:`~pyro_vae.labelled.LabelledVAE` of images ``(C, H, W)``.
+    :param num_columns: the draws of z, one column each.
+    :param seed: the seed of the draws (:func:`~pyro_vae.seeding.seeded`): the same seed draws
+        the same columns, and the caller's random state is left as it was.
+    :param class_names: a name per class index for the row labels; ``None``: the indices.
+    """
+    with seeded(seed, _device_of(vae)):
+        z = vae.prior().sample((num_columns,))  # (num_columns, z_dim)
+    classes = torch.arange(vae.num_classes, device=z.device)
+    z_rows = z.expand(vae.num_classes, *z.shape)  # (classes, num_columns, z_dim)
+    y_rows = classes[:, None].expand(vae.num_classes, num_columns)
+    decoded = vae.decode(z_rows.reshape(-1, z.shape[-1]), y_rows.reshape(-1)).mean
+    if decoded.dim() != 4:
+        raise ValueError(f"the class grid draws images (C, H, W); this VAE decodes items of shape "
+                         f"{tuple(decoded.shape[1:])}")
+    fig = Figure(figsize=(num_columns * 0.7 + 1.2, vae.num_classes * 0.7 + 0.8), layout="constrained")
+    ax = fig.add_subplot()
+    _show(ax, tile_images(decoded, num_columns), "each column: one z ~ p(z), decoded with each class y")
+    _label_rows(ax, classes.tolist() if class_names is None else class_names, decoded.shape[-2] + 1)
+    ax.set_ylabel("class y")
+    return fig
+
+
+#: A normalized share above this is a dark cell, whose count is written in white.
+_DARK_CELL = 0.5
+
+
+def confusion_counts(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Counts ``(num_classes, num_classes)``: row = true class, column = predicted class.
+
+    :param predicted: ``(N,)`` predicted class indices in ``0..num_classes-1``.
+    :param labels: ``(N,)`` true class indices in the same range.
+    """
+    predicted, labels = predicted.detach().cpu().long(), labels.detach().cpu().long()
+    for name, values in (("predicted", predicted), ("labels", labels)):
+        if len(values) and (values.min() < 0 or values.max() >= num_classes):
+            raise ValueError(f"{name}: class indices must lie in 0..{num_classes - 1}, got {values.min().item()}.."
+                             f"{values.max().item()}")
+    pairs = labels * num_classes + predicted
+    return torch.bincount(pairs, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def plot_confusion_matrix(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                          class_names=None) -> Figure:
+    """The confusion matrix of a classifier (:func:`confusion_counts`): row = true class,
+    column = predicted, each cell coloured by its share of its row (so a rare class is as
+    readable as a common one) and holding its count; the title gives the accuracy.
+
+    :param predicted: ``(N,)`` predicted class indices.
+    :param labels: ``(N,)`` true class indices.
+    :param num_classes: the number of classes C.
+    :param class_names: a name per class index for the ticks; ``None``: the indices. Counts are
+        written in the cells up to :data:`MAX_LABELLED_CLASSES` classes (beyond, they would overlap).
+    """
+    counts = confusion_counts(predicted, labels, num_classes)
+    shares = counts / counts.sum(1, keepdim=True).clamp_min(1)  # an absent class: a blank row
+    size = max(4.0, 0.45 * num_classes + 2)
+    fig = Figure(figsize=(size + 1, size), layout="constrained")
+    ax = fig.add_subplot()
+    shown = ax.imshow(shares.numpy(), cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    fig.colorbar(shown, ax=ax, label="share of the true class")
+    if num_classes <= MAX_LABELLED_CLASSES:
+        names = [str(name) for name in (range(num_classes) if class_names is None else class_names)]
+        ax.set_xticks(range(num_classes), names)
+        ax.set_yticks(range(num_classes), names)
+        for (row, col), count in np.ndenumerate(counts.numpy()):
+            colour = "white" if shares[row, col] > _DARK_CELL else "black"
+            ax.text(col, row, str(count), ha="center", va="center", color=colour, fontsize="small")
+    total = int(counts.sum())
+    accuracy = counts.trace().item() / total if total else float("nan")
+    ax.set(xlabel="predicted class", ylabel="true class",
+           title=f"confusion matrix: accuracy {accuracy:.1%} of {total} test items")
+    return fig
+
+
+#: Items classified at once for the confusion matrix: memory bounded whatever the test split.
+PREDICT_CHUNK = 1000
+
+
+def predict_classes(vae, images: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """``vae.predict`` over ``images`` in chunks of :data:`PREDICT_CHUNK`, without gradients;
+    seeded, since a conditional VAE's prediction scores a draw of z for every class.
+
+    :returns: ``(N,)`` class indices, on ``images``' device.
+    """
+    with torch.no_grad(), seeded(seed, images.device):
+        return torch.cat([vae.predict(images[start : start + PREDICT_CHUNK])
+                          for start in range(0, len(images), PREDICT_CHUNK)])
+
+
 #: Held-out items the latent-space figure encodes at most: a dense scatter, in a second or two.
 LATENT_POINTS = 5000
 
@@ -274,7 +394,10 @@ LATENT_POINTS = 5000
 def make_figures(vae, images: torch.Tensor, labels: torch.Tensor | None, history: list[dict],
                  seed: int = 0, embedding: str = "pca", traversal_dims: int = 10, objective=None) -> dict[str, Figure]:
     """All figures of a run, by file stem: reconstructions, samples, latent space, manifold
-    (when z is 2-D and the data are images), latent traversals (images) and training curves.
+    (when z is 2-D and the data are images), latent traversals (images) and training curves;
+    for a :class:`~pyro_vae.labelled.LabelledVAE`, also the class grid (images,
+    :func:`plot_class_grid`) and, when there are ``labels``, the confusion matrix of its
+    predictions on ``images`` (:func:`plot_confusion_matrix`).
     ``images`` are held-out data as the model sees them, ``(N, C, H, W)`` or vectors
     ``(N, D)``, on ``vae``'s device; ``labels`` ``(N,)`` colour the latent space (``None``:
     no labels). ``embedding`` (:func:`embed_latents`) draws a latent space of more than two
@@ -313,10 +436,25 @@ def make_figures(vae, images: torch.Tensor, labels: torch.Tensor | None, history
     if images.dim() > 2:
         order, scores, what = informative_dimensions(vae, images[:1000])
         figures["latent_traversals"] = plot_latent_traversals(vae, images[0], order[:traversal_dims], scores, what)
+    if isinstance(vae, LabelledVAE):
+        figures.update(_class_figures(vae, images, labels, seed))
     if history:
         if objective is None:  # a VAE built by hand may have no config, or a config of its own
             objective = getattr(getattr(vae, "config", None), "objective", None)
         figures["training_curves"] = plot_training_curves(history, objective)
+    return figures
+
+
+def _class_figures(vae, images: torch.Tensor, labels: torch.Tensor | None, seed: int) -> dict[str, Figure]:
+    """A labelled VAE's own figures: the class grid (images only, as every image grid) and,
+    where the shown items have labels, the confusion matrix of its predictions on them."""
+    figures = {}
+    if images.dim() > 2:
+        figures["class_grid"] = plot_class_grid(vae, seed=seed)
+    if labels is not None:
+        known = labels >= 0  # a label of -1 marks an item without one
+        predicted = predict_classes(vae, images[known.to(images.device)], seed)
+        figures["confusion_matrix"] = plot_confusion_matrix(predicted, labels[known], vae.num_classes)
     return figures
 
 
@@ -335,7 +473,7 @@ def plot_manifold(vae, n: int = 15) -> Figure:
     z = prior.mean + prior.stddev * z
     images = vae.decode(z).mean
     fig = Figure(figsize=(7, 7), layout="constrained")
-    _show(fig.add_subplot(), _tile(images, n), "latent manifold: mean of p(x|z) on a grid of z")
+    _show(fig.add_subplot(), tile_images(images, n), "latent manifold: mean of p(x|z) on a grid of z")
     return fig
 
 
@@ -389,7 +527,7 @@ def plot_interpolations(paths: torch.Tensor, ends: torch.Tensor | None = None) -
     title = "mean of p(x|z) along a straight line between two codes"
     if ends is not None:
         title += " (the inputs at both ends)"
-    _show(fig.add_subplot(), _tile(rows.flatten(0, 1), num_cols), title)
+    _show(fig.add_subplot(), tile_images(rows.flatten(0, 1), num_cols), title)
     return fig
 
 
@@ -497,9 +635,9 @@ def animate_training(snapshots: dict, history: list[dict], image_inches: float =
     # a fixed size and layout, so that every frame of the GIF has the same pixels around the images
     fig = Figure(figsize=(ncol * image_inches + 0.3, (2 + sample_rows) * image_inches + 1.2), layout="constrained")
     top, middle, bottom = fig.subplots(3, 1, height_ratios=[1, 1, sample_rows])
-    _show(top, _tile(inputs, ncol))
-    _show(middle, _tile(unit(frames[0]["reconstructions"]), ncol))
-    _show(bottom, _tile(unit(frames[0]["samples"]), ncol))
+    _show(top, tile_images(inputs, ncol))
+    _show(middle, tile_images(unit(frames[0]["reconstructions"]), ncol))
+    _show(bottom, tile_images(unit(frames[0]["samples"]), ncol))
     for ax, title in ((top, "validation images"), (middle, "reconstructions, z = E[z|x]"),
                       (bottom, "decoded fixed draws z ~ p(z)")):
         ax.set_title(title, fontsize="small")
@@ -507,8 +645,8 @@ def animate_training(snapshots: dict, history: list[dict], image_inches: float =
 
     def draw(index: int):
         frame = frames[index]
-        middle.images[0].set_data(_tile(unit(frame["reconstructions"]), ncol).numpy())
-        bottom.images[0].set_data(_tile(unit(frame["samples"]), ncol).numpy())
+        middle.images[0].set_data(tile_images(unit(frame["reconstructions"]), ncol).numpy())
+        bottom.images[0].set_data(tile_images(unit(frame["samples"]), ncol).numpy())
         score = elbo.get(frame["epoch"])
         heading.set_text(f"epoch {frame['epoch']}" + ("" if score is None else f", validation ELBO {score:.1f}"))
 

@@ -7,7 +7,6 @@ from matplotlib.figure import Figure
 from pyro_vae.config import load_config
 from pyro_vae.model import build_vae
 from pyro_vae.plotting import (
-    _tile,
     make_figures,
     plot_estimator_comparison,
     plot_image_panels,
@@ -19,7 +18,10 @@ from pyro_vae.plotting import (
     plot_manifold,
     plot_rate_distortion,
     plot_training_curves,
+    plot_class_grid,
+    plot_confusion_matrix,
     principal_components,
+    tile_images,
 )
 from pyro_vae.plotting import embed_latents, informative_dimensions, plot_latent_traversals
 
@@ -71,10 +73,10 @@ def test_manifold_needs_two_latent_dimensions():
 
 def test_tile_layout():
     images = torch.rand(5, 1, 4, 3)
-    canvas = _tile(images, ncol=2)  # 3 rows of 2, 1-pixel gutters
+    canvas = tile_images(images, ncol=2)  # 3 rows of 2, 1-pixel gutters
     assert canvas.shape == (3 * 5 - 1, 2 * 4 - 1)
     assert torch.equal(canvas[:4, :3], images[0, 0])
-    assert _tile(torch.rand(2, 3, 4, 4), 2).shape == (4, 9, 3)
+    assert tile_images(torch.rand(2, 3, 4, 4), 2).shape == (4, 9, 3)
 
 
 def test_principal_components_find_the_dominant_direction():
@@ -234,7 +236,7 @@ def test_training_animation_has_one_frame_per_epoch_titled_with_its_elbo(tmp_pat
     # the figure shows the last frame: its epoch, its ELBO, its images (inputs, reconstructions, samples)
     assert figure._suptitle.get_text() == "epoch 5, validation ELBO -95.0"
     shown = [ax.images[0].get_array() for ax in figure.axes]
-    assert torch.equal(torch.as_tensor(shown[1]), _tile(frames[-1]["reconstructions"].float() / 255, 4))
+    assert torch.equal(torch.as_tensor(shown[1]), tile_images(frames[-1]["reconstructions"].float() / 255, 4))
     assert tuple(shown[2].shape) == (2 * 6 + 1, 4 * 5 + 3)  # 8 samples in rows of 4, 1-pixel gutters
 
     with pytest.raises(ValueError, match="no frames"):
@@ -258,3 +260,91 @@ def test_the_training_curve_names_the_objective_it_shows():
     assert "beta" in label(warmup) and "ELBO" in label(warmup)
     assert "reconstruction weighted 0.5" in label(constant, **{"objective.reconstruction_weight": 0.5})
     assert label(constant, unknown=True) == "train objective (-loss, running mean)"
+
+
+# -- labelled runs: the class grid and the confusion matrix --------------------------------------------
+
+def _labelled_vae(labels: str = "conditional", image_shape=(1, 8, 8), num_classes: int = 4):
+    from pyro_vae.labelled import build_labelled_vae
+
+    torch.manual_seed(0)
+    config = load_config(None, {"model.labels": labels, "model.z_dim": 2, "model.hidden_dim": 8})
+    return build_labelled_vae(config.model, image_shape, num_classes).eval()
+
+
+@pytest.mark.parametrize("labels", ["conditional", "semi_supervised"])
+def test_make_figures_of_a_labelled_vae_adds_the_class_grid_and_the_confusion_matrix(splits, labels):
+    binary = (splits.test.images > 0.5).float()  # Bernoulli pixels, which a conditional VAE's prediction scores
+    figures = make_figures(_labelled_vae(labels), binary, splits.test.labels, [])
+    assert {"class_grid", "confusion_matrix"} <= set(figures)
+    title = figures["confusion_matrix"].axes[0].get_title()
+    assert f"of {len(binary)} test items" in title
+    assert "class_grid" in make_figures(_labelled_vae(labels), binary, None, [])
+    assert "confusion_matrix" not in make_figures(_labelled_vae(labels), binary, None, [])
+
+
+def test_make_figures_of_labelled_vectors_has_no_class_grid():
+    config = load_config(None, {"model.labels": "conditional", "model.z_dim": 2, "model.hidden_dim": 8,
+                                "model.likelihood": "gaussian", "data.binarize": "none"})
+    from pyro_vae.labelled import build_labelled_vae
+
+    vae = build_labelled_vae(config.model, (5,), 3).eval()
+    figures = make_figures(vae, torch.randn(12, 5), torch.arange(12) % 3, [])
+    assert "confusion_matrix" in figures and "class_grid" not in figures
+
+
+def test_make_figures_of_a_vae_without_labels_has_neither(splits):
+    vae = build_vae(load_config(None, {"model.z_dim": 2, "model.hidden_dim": 8}).model, (1, 8, 8))
+    figures = make_figures(vae, splits.test.images, splits.test.labels, [])
+    assert not {"class_grid", "confusion_matrix"} & set(figures)
+
+
+def test_class_grid_rows_are_classes_and_columns_share_one_z(monkeypatch):
+    vae = _labelled_vae(num_classes=3)
+    decoded = {}
+    decode = vae.decode
+
+    def spy(z, y):
+        decoded["z"], decoded["y"] = z, y
+        return decode(z, y)
+    monkeypatch.setattr(vae, "decode", spy)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    figure = plot_class_grid(vae, num_columns=5, seed=7, class_names=["a", "b", "c"])
+    assert torch.equal(torch.get_rng_state(), before)
+    z, y = decoded["z"].reshape(3, 5, -1), decoded["y"].reshape(3, 5)
+    assert all(torch.equal(z[0], z[row]) for row in range(3)) and not torch.equal(z[0, 0], z[0, 1])
+    assert y.tolist() == [[c] * 5 for c in range(3)]
+    ax = figure.axes[0]
+    assert ax.images[0].get_array().shape == (3 * 9 - 1, 5 * 9 - 1)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b", "c"]
+    first = ax.images[0].get_array()
+    assert (plot_class_grid(vae, num_columns=5, seed=7).axes[0].images[0].get_array() == first).all()
+    assert not (plot_class_grid(vae, num_columns=5, seed=8).axes[0].images[0].get_array() == first).all()
+
+
+def test_class_grid_refuses_vectors():
+    config = load_config(None, {"model.labels": "conditional", "model.z_dim": 2, "model.hidden_dim": 8,
+                                "model.likelihood": "gaussian", "data.binarize": "none"})
+    from pyro_vae.labelled import build_labelled_vae
+
+    with pytest.raises(ValueError, match="images"):
+        plot_class_grid(build_labelled_vae(config.model, (5,), 3))
+
+
+def test_confusion_matrix_counts_by_true_row_and_predicted_column():
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 2])
+    predicted = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    figure = plot_confusion_matrix(predicted, labels, 3, class_names=["x", "y", "z"])
+    ax = figure.axes[0]
+    cells = {(round(t.get_position()[1]), round(t.get_position()[0])): int(t.get_text()) for t in ax.texts}
+    assert cells == {(0, 0): 3, (0, 1): 1, (0, 2): 0, (1, 0): 0, (1, 1): 1, (1, 2): 1, (2, 0): 0, (2, 1): 0, (2, 2): 1}
+    shares = ax.images[0].get_array()
+    assert shares[0].tolist() == [0.75, 0.25, 0.0] and shares[2].tolist() == [0.0, 0.0, 1.0]  # per row
+    assert "accuracy 71.4% of 7" in ax.get_title()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["x", "y", "z"]
+
+
+def test_confusion_matrix_refuses_a_class_out_of_range():
+    with pytest.raises(ValueError, match="0..2"):
+        plot_confusion_matrix(torch.tensor([0, 3]), torch.tensor([0, 1]), 3)
