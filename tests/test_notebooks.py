@@ -17,7 +17,7 @@ from nbclient import NotebookClient
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NAMES = ["01_train_svi", "02_swap_likelihood_and_prior", "03_analytic_vs_monte_carlo_elbo", "04_latent_space",
-         "05_your_own_data_and_parts", "06_flow_guides"]
+         "05_your_own_data_and_parts", "06_flow_guides", "07_labels"]
 KERNEL = "python3"
 #: Seconds one cell may take in the small setting (each notebook takes well under a minute).
 CELL_TIMEOUT = 300
