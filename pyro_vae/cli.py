@@ -43,10 +43,10 @@ from .elbo import evaluate
 from .folder_cache import BESIDE_DATA, CACHE_ENV
 from .guides import GUIDES
 from .labelled import LabelledVAE, evaluate_labelled
-from .model import check_model_fits
-from .seeding import seeded
+from .model import check_model_fits, physical_memory
 from .monitor import TensorBoardMissing, require_tensorboard
 from .priors import PRIORS
+from .seeding import seeded
 from .train import METRICS_NAME, TrainingDiverged, check_data, fit, resumed_config
 
 # Exit statuses (README, "Command line"): each says what happened without reading stderr.
@@ -576,6 +576,7 @@ def _sample(args) -> int:
     checkpoint = load_checkpoint(Path(args.run_dir) / CHECKPOINT_NAME)
     _load_run_plugins(checkpoint, args)
     _refuse_png_of_non_images(out, tuple(checkpoint["image_shape"]), args.run_dir)
+    _refuse_more_than_memory(args.num, tuple(checkpoint["image_shape"]))
     # building the VAE draws initial weights (the checkpoint's then replace them): from a
     # forked stream, so that a caller of main() finds its random state as it was
     with torch.random.fork_rng(devices=[]):
@@ -590,6 +591,20 @@ def _sample(args) -> int:
     if not args.quiet:
         print(out)
     return 0
+
+
+#: The share of the machine's memory that ``sample``'s items may take (they are drawn at once,
+#: and the decoder's activations and the file's copy need room beside them).
+SAMPLE_MEMORY_SHARE = 0.25
+
+
+def _refuse_more_than_memory(num: int, image_shape: tuple[int, ...]) -> None:
+    """One line, rather than the allocator's traceback or the kernel's kill, for ``--num N``
+    items whose float32 values alone would take more than :data:`SAMPLE_MEMORY_SHARE` of memory."""
+    needed, memory = num * math.prod(image_shape) * 4, physical_memory()
+    if memory and needed > SAMPLE_MEMORY_SHARE * memory:
+        raise ConfigError(f"--num {num}: the items alone would take {needed / 1e9:,.1f} GB, more than a quarter of this "
+                          f"machine's {memory / 1e9:,.1f} GB; draw fewer at a time (with other --seed values)")
 
 
 def _refuse_png_of_non_images(out: Path, image_shape: tuple[int, ...], run_dir: str) -> None:

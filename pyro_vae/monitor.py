@@ -41,6 +41,10 @@ RECORD_SCALARS = {
     "schedule/lr": "lr",
     "speed/images_per_second": "images_per_second",
 }
+#: Scalars of the records of some runs only: a labelled run's validation accuracy.
+OPTIONAL_SCALARS = {
+    "validation/accuracy": "val_accuracy",
+}
 
 
 class TensorBoardMissing(ImportError):
@@ -190,6 +194,9 @@ class Monitor(Callback):
         epoch, writer = record["epoch"], self._writer
         for tag, key in RECORD_SCALARS.items():
             writer.add_scalar(tag, record[key], epoch)
+        for tag, key in OPTIONAL_SCALARS.items():
+            if key in record:
+                writer.add_scalar(tag, record[key], epoch)
         for name, value in validation_terms(vae, self.val_images, self.seed, self.device).items():
             writer.add_scalar(f"validation/{name}", value, epoch)
         if self.snapshots is not None:

@@ -293,6 +293,8 @@ REFUSED = {
                               ["--label", "'-1'", ">= 0"]),
     "sample-label-without-labels": pytest.param(["sample", "{run}", "--num", "2", "--label", "0", "--out",
                                                  "{tmp}/s.npy"], ["--label 0", "model.labels = 'none'"], marks=mnist),
+    "sample-num-beyond-memory": pytest.param(["sample", "{run}", "--num", "1000000000", "--out", "{tmp}/s.npy"],
+                                             ["--num 1000000000", "GB", "draw fewer"], marks=mnist),
     "sample-out-suffix": (["sample", "{norun}", "--num", "2", "--out", "{tmp}/s.jpg"], ["--out", "'.jpg'", ".png", ".npy"]),
     "sample-out-is-folder": (["sample", "{norun}", "--num", "2", "--out", "{dir}"], ["--out", "is a folder"]),
     "sample-out-under-file": (["sample", "{norun}", "--num", "2", "--out", "{file}/s.png"],

@@ -92,6 +92,33 @@ def test_train_evaluate_plot_resume_on_each_format(name, tmp_path, run_cli):
     assert load_checkpoint(run)["epoch"] == 2
 
 
+@pytest.mark.parametrize("name", ["png-grey-classes", "npz-labels"])
+@pytest.mark.parametrize("labels", ["conditional", "semi_supervised"])
+def test_labelled_models_on_own_data_with_labels(name, labels, tmp_path, run_cli):
+    """A folder's classes and an .npz's labels train labelled models through every command."""
+    make, extra = FORMATS[name]
+    source = make(tmp_path)
+    run = tmp_path / "run"
+    keep = ["--set", "data.labelled=6", "--set", "train.labelled_per_batch=4"] if labels == "semi_supervised" else []
+    status, _, err = run_cli("train", "--data", str(source), *TINY, *extra, *keep, "--set", f"model.labels={labels}",
+                             "--epochs", "1", "--out", str(run))
+    assert status == 0, err
+    assert load_checkpoint(run)["num_classes"] >= 2
+    status, out, err = run_cli("evaluate", str(run), "-k", "4", "--quiet")
+    assert status == 0, err
+    result = json.loads(out)
+    assert 0 <= result["test_accuracy"] <= 1 and np.isfinite(result["test_log_likelihood"])
+    status, _, err = run_cli("plot", str(run))
+    assert status == 0, err
+    assert (run / "confusion_matrix.png").exists() and (run / "class_grid.png").exists()
+    status, _, err = run_cli("sample", str(run), "--num", "4", "--label", "1", "--out", str(tmp_path / "ones.npy"))
+    assert status == 0, err
+    assert np.load(tmp_path / "ones.npy").shape[0] == 4
+    status, _, err = run_cli("train", "--resume", str(run), "--epochs", "2")
+    assert status == 0, err
+    assert load_checkpoint(run)["epoch"] == 2
+
+
 def test_a_changed_file_is_refused_and_a_moved_one_is_found(tmp_path, run_cli):
     source = write_arrays(tmp_path / "images.npy", "npy-images")
     run = tmp_path / "run"
