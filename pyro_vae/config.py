@@ -91,6 +91,9 @@ class ModelConfig:
     #: "semi_supervised": the M2 model, y observed where labelled and latent elsewhere, with a
     #: classifier q(y|x) (:mod:`pyro_vae.labelled`).
     labels: str = "none"
+    #: Semi-supervised runs: the networks of the classifier q(y|x), an architecture name as for
+    #: ``arch`` ("": the same as ``arch``), e.g. "conv" beside an MLP VAE.
+    classifier_arch: str = ""
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,7 @@ def _choices() -> dict[str, list[str]]:
         "objective.elbo": sorted(ELBOS),
         "objective.beta_schedule": ["constant", "cyclical", "warmup"],
         "model.labels": list(LABEL_MODES),
+        "model.classifier_arch": ["", *sorted(REGISTRIES["networks"])],
         "objective.labels_by": list(LABELS_BY),
         "train.lr_schedule": ["constant", "cosine"],
     }
@@ -315,6 +319,9 @@ def validate(config: Config) -> None:
 def _check_labels(config: Config) -> None:
     """The keys of the labelled models against each other (:mod:`pyro_vae.labelled`)."""
     labels = config.model.labels
+    if config.model.classifier_arch and labels != "semi_supervised":
+        raise ConfigError(f"model.classifier_arch = {config.model.classifier_arch!r}: only a semi-supervised run has a "
+                          "classifier q(y|x); set model.labels = 'semi_supervised', or leave it empty")
     if config.data.labelled and labels != "semi_supervised":
         raise ConfigError(f"data.labelled = {config.data.labelled}: only a semi-supervised run keeps some labels and "
                           f"not others; set model.labels = 'semi_supervised', or data.labelled = 0")

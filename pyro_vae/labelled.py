@@ -367,8 +367,10 @@ def build_labelled_vae(model_config, image_shape, num_classes: int, name: str | 
     head = LabelHead(config.z_dim, num_classes, config.hidden_dim)
     classifier = None
     if config.labels == "semi_supervised":
-        # an encoder whose location is the logits: the same family of networks as the VAE's
-        classifier, _ = make_networks(config.arch, image_shape, num_classes, config.hidden_dim, config.num_layers)
+        # an encoder whose location is the logits: the VAE's family of networks, or another
+        # (model.classifier_arch)
+        classifier, _ = make_networks(config.classifier_arch or config.arch, image_shape, num_classes,
+                                      config.hidden_dim, config.num_layers)
     guide = _build_guide(config)
     vae = LabelledVAE(encoder, decoder, likelihood, prior, guide, head, num_classes, classifier,
                       name=_default_name() if name is None else name)

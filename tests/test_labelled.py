@@ -175,6 +175,14 @@ def test_the_programs_run_in_stock_pyro_svi():
     pyro.clear_param_store()
 
 
+def test_the_classifier_may_be_of_another_architecture():
+    from pyro_vae.networks import ConvEncoder, MLPDecoder
+
+    vae = build_labelled_vae(small_config(**{"model.classifier_arch": "conv"}).model, IMAGE_SHAPE, NUM_CLASSES)
+    assert isinstance(vae.classifier, ConvEncoder) and isinstance(vae.decoder, MLPDecoder)
+    assert vae.classify(class_data(5)[0]).shape == (5, NUM_CLASSES)
+
+
 def test_a_conditional_vae_has_no_classifier_and_needs_every_label():
     vae = small_vae("conditional")
     x, y = class_data(6)

@@ -28,7 +28,7 @@ def _poisoning(monkeypatch, at_epoch: int, at_step: int | None):
     """Set one weight to NaN in epoch ``at_epoch`` (1-based): before step ``at_step`` (1-based),
     or with ``at_step=None`` after the epoch's last step, where no loss has seen it yet."""
     built = {}
-    real_build, real_batches = train_module.build_vae, train_module.iterate_batches
+    real_build, real_batches = train_module.build_model, train_module.iterate_batches
 
     def build(*args, **kwargs):
         built["vae"] = real_build(*args, **kwargs)
@@ -47,7 +47,7 @@ def _poisoning(monkeypatch, at_epoch: int, at_step: int | None):
             with torch.no_grad():
                 next(built["vae"].decoder.parameters()).view(-1)[0] = float("nan")
 
-    monkeypatch.setattr(train_module, "build_vae", build)
+    monkeypatch.setattr(train_module, "build_model", build)
     monkeypatch.setattr(train_module, "iterate_batches", batches)
 
 
@@ -73,7 +73,7 @@ def test_a_diverging_step_stops_and_leaves_the_last_checkpoint(tmp_path, splits,
 def test_a_non_finite_gradient_is_caught_before_the_step(splits, tiny_config, monkeypatch):
     """The loss is finite, its gradient is not: the step is refused, the weights stay finite."""
     built = {}
-    real_build, real_batches = train_module.build_vae, train_module.iterate_batches
+    real_build, real_batches = train_module.build_model, train_module.iterate_batches
 
     def build(*args, **kwargs):
         built["vae"] = real_build(*args, **kwargs)
@@ -88,7 +88,7 @@ def test_a_non_finite_gradient_is_caught_before_the_step(splits, tiny_config, mo
             if step == 1:
                 handle.remove()
 
-    monkeypatch.setattr(train_module, "build_vae", build)
+    monkeypatch.setattr(train_module, "build_model", build)
     monkeypatch.setattr(train_module, "iterate_batches", batches)
     with pytest.raises(TrainingDiverged, match="epoch 1, step 2: a gradient entry is NaN or infinite"):
         fit(tiny_config, splits, progress=False)
