@@ -94,6 +94,8 @@ class ModelConfig:
     #: Semi-supervised runs: the networks of the classifier q(y|x), an architecture name as for
     #: ``arch`` ("": the same as ``arch``), e.g. "conv" beside an MLP VAE.
     classifier_arch: str = ""
+    #: Labelled runs: learn p(z|y), one diagonal Gaussian per class (instead of ``prior``).
+    class_prior: bool = False
 
 
 @dataclass(frozen=True)
@@ -319,6 +321,12 @@ def validate(config: Config) -> None:
 def _check_labels(config: Config) -> None:
     """The keys of the labelled models against each other (:mod:`pyro_vae.labelled`)."""
     labels = config.model.labels
+    if config.model.class_prior and labels == "none":
+        raise ConfigError("model.class_prior = true learns p(z|y), which needs a label y; set model.labels to "
+                          "'conditional' or 'semi_supervised', or leave it false")
+    if config.model.class_prior and config.model.prior != "standard_normal":
+        raise ConfigError(f"model.class_prior = true replaces model.prior = {config.model.prior!r} with one learned "
+                          "Gaussian per class; leave model.prior at 'standard_normal'")
     if config.model.classifier_arch and labels != "semi_supervised":
         raise ConfigError(f"model.classifier_arch = {config.model.classifier_arch!r}: only a semi-supervised run has a "
                           "classifier q(y|x); set model.labels = 'semi_supervised', or leave it empty")

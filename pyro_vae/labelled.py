@@ -60,8 +60,10 @@ from .networks import make_networks
 from .priors import make_prior
 from .seeding import probing, seeded
 
-__all__ = ["LABEL", "LABEL_MODES", "LABELS_BY", "LabelHead", "LabelledLoss", "LabelledVAE", "build_model",
-           "choose_labelled", "evaluate_labelled", "labelled_order", "make_label_elbo", "make_training_loss"]
+__all__ = ["LABEL", "LABEL_MODES", "LABELS_BY", "ClassPrior", "ExpRelaxedCategorical", "LabelHead", "LabelledLoss", "LabelledVAE",
+           "ScoreFunctionELBO", "accuracy", "build_labelled_vae", "build_model", "check_labelled_shapes",
+           "choose_labelled", "class_log_likelihoods", "evaluate_labelled", "labelled_order", "make_label_elbo",
+           "make_training_loss", "num_classes_of", "one_hot", "training_labels"]
 
 #: The label's sample site.
 LABEL = "y"
@@ -82,9 +84,14 @@ class LabelHead(nn.Module):
     """q(z|x,y)'s parameters from the encoder's ``(z_loc, z_scale)`` of x and the label ``y``.
 
     ``h = relu(W [z_loc, log z_scale, y] + b)``; ``loc = z_loc + A h``, ``scale = z_scale *
-    exp(S h)``. ``A`` and ``S`` start at zero, so q(z|x,y) starts as the encoder's q(z|x) and
-    learns what the label changes. ``y`` is one-hot, or relaxed (a point of the simplex).
+    exp(s)`` with ``s = S h`` bounded to ``(-MAX_LOG_STRETCH, MAX_LOG_STRETCH)``. ``A`` and ``S``
+    start at zero, so q(z|x,y) starts as the encoder's q(z|x) and learns what the label
+    changes. ``y`` is one-hot, or relaxed (a point of the simplex).
     """
+
+    #: The label may stretch or shrink the encoder's scale by at most e^5 (about 150) either
+    #: way: a bound, so that one step cannot send a scale to zero or to infinity.
+    MAX_LOG_STRETCH = 5.0
 
     def __init__(self, z_dim: int, num_classes: int, hidden_dim: int):
         super().__init__()
@@ -99,8 +106,8 @@ class LabelHead(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         z_loc, z_scale, y = _broadcast_rows(z_loc, z_scale, y)
         h = F.relu(self.hidden(torch.cat([z_loc, z_scale.log(), y], -1)))
-        # the stretch is bounded, so a step cannot send a scale to zero or infinity
-        return z_loc + self.shift(h), z_scale * torch.exp(5 * torch.tanh(self.log_stretch(h) / 5))
+        bound = self.MAX_LOG_STRETCH
+        return z_loc + self.shift(h), z_scale * torch.exp(bound * torch.tanh(self.log_stretch(h) / bound))
 
 
 class _Baseline(nn.Module):
@@ -110,8 +117,8 @@ class _Baseline(nn.Module):
     ``offset`` (a buffer) follows the mean cost of the recent batches (:meth:`follow`), and the
     network, which TraceGraph_ELBO fits by squared error, learns each item's difference from
     it. Without the offset the network would start at 0 against costs of a hundred nats or
-    more, and take many thousands of steps to reach them: until then the score function's
-    learning signal is mostly noise (a run here stayed at chance).
+    more, and take many thousands of steps to reach them, all the while leaving the score
+    function's learning signal its whole size.
     """
 
     #: the weight of the past in the offset's moving average, per step
@@ -132,6 +139,31 @@ class _Baseline(nn.Module):
         weight = self.MOMENTUM if int(self.updates) > 0 else 0.0
         self.offset.mul_(weight).add_((1 - weight) * mean_cost.to(self.offset))
         self.updates += 1
+
+
+class ClassPrior(nn.Module):
+    """A learned p(z|y): one diagonal Gaussian per class, ``N(loc_y, diag(scale_y^2))``.
+
+    ``forward(y)`` for ``y`` one-hot (or relaxed) ``(..., C)`` gives p(z|y) with batch shape
+    ``(...)`` (the parameters are ``y``'s mixtures of the classes' own); ``forward()`` the
+    marginal Σ_y p(y) p(z|y), p(y) uniform, for what draws z without a label (plots). Every
+    class starts at the standard normal; the labels it is trained with pull them apart.
+    """
+
+    def __init__(self, z_dim: int, num_classes: int):
+        super().__init__()
+        self.locs = nn.Parameter(torch.zeros(num_classes, z_dim))
+        # softplus(raw + softplus^-1(1)) = 1 at the start
+        self.raw_scales = nn.Parameter(torch.zeros(num_classes, z_dim))
+
+    def scales(self) -> torch.Tensor:
+        return F.softplus(self.raw_scales + math.log(math.e - 1)) + 1e-5
+
+    def forward(self, y: torch.Tensor | None = None) -> dist.TorchDistribution:
+        if y is None:
+            weights = dist.Categorical(logits=self.locs.new_zeros(len(self.locs)))
+            return dist.MixtureSameFamily(weights, dist.Normal(self.locs, self.scales()).to_event(1))
+        return dist.Normal(y @ self.locs, y @ self.scales()).to_event(1)
 
 
 class ExpRelaxedCategorical(relaxed_categorical.ExpRelaxedCategorical, TorchDistributionMixin):
@@ -188,8 +220,11 @@ class LabelledVAE(nn.Module):
         return self.classifier is not None
 
     # -- the densities ------------------------------------------------------------------------
-    def prior(self) -> dist.TorchDistribution:
-        """p(z): event shape ``(z_dim,)``."""
+    def prior(self, y: torch.Tensor | None = None) -> dist.TorchDistribution:
+        """p(z), event shape ``(z_dim,)``; with a :class:`ClassPrior`, p(z|y) for ``y`` one-hot
+        ``(..., C)`` (batch shape ``(...)``), and without ``y`` the marginal over the classes."""
+        if isinstance(self.prior_net, ClassPrior):
+            return self.prior_net(y)
         return self.prior_net()
 
     def label_prior(self, like: torch.Tensor) -> dist.TorchDistribution:
@@ -243,14 +278,13 @@ class LabelledVAE(nn.Module):
         pyro.module(f"{self.name}.guide", self.guide_net)
         if self.classifier is not None:
             pyro.module(f"{self.name}.classifier", self.classifier)
+            pyro.module(f"{self.name}.baseline", self.baseline)  # trained by TraceGraph_ELBO's baseline loss
         return self.guide_body(x, y, beta, reconstruction_weight, labels_by, temperature)
 
     def model_body(self, x: torch.Tensor, y: torch.Tensor | None = None, beta: float = 1.0,
                    reconstruction_weight: float = 1.0, labels_by: str = "enumerate", temperature: float = 0.5
                    ) -> torch.Tensor:
         with pyro.plate(PLATE, x.shape[0]):
-            with latent_weight(beta):
-                z = pyro.sample(LATENT, self.prior())
             if y is not None:
                 label = pyro.sample(LABEL, self.label_prior(x), obs=one_hot(y, self.num_classes, x))
             elif _checked(labels_by) == "gumbel_softmax":
@@ -260,6 +294,8 @@ class LabelledVAE(nn.Module):
                                                                  logits=x.new_zeros(self.num_classes))).exp()
             else:
                 label = pyro.sample(LABEL, self.label_prior(x))
+            with latent_weight(beta):
+                z = pyro.sample(LATENT, self.prior(label))
             with site_weight(reconstruction_weight):
                 pyro.sample(OBSERVED, self.decode(z, label), obs=x)
         return z
@@ -308,7 +344,7 @@ class LabelledVAE(nn.Module):
         y = torch.eye(self.num_classes, dtype=x.dtype, device=x.device).unsqueeze(1)  # (C, 1, C)
         q = self.guide_net(*self.head(z_loc, z_scale, y))  # batch (C, B)
         z = q.sample()
-        return (self.decode(z, y).log_prob(x) + self.prior().log_prob(z) - q.log_prob(z)).T
+        return (self.decode(z, y).log_prob(x) + self.prior(y).log_prob(z) - q.log_prob(z)).T
 
     @torch.no_grad()
     def elbo_per_image(self, x: torch.Tensor) -> torch.Tensor:
@@ -331,8 +367,14 @@ class LabelledVAE(nn.Module):
     def sample_images(self, num_samples: int, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Means of p(x|z,y) for z drawn from the prior, ``(num_samples, *image_shape)``; the
         classes ``labels`` ``(num_samples,)``, or the classes in turn."""
-        z = self.prior().sample((num_samples,))
-        return self.decode(z, labels).mean
+        if labels is None:  # the classes in turn
+            labels = torch.arange(num_samples) % self.num_classes
+        y = one_hot(labels.to(self._device()), self.num_classes, torch.zeros((), device=self._device()))
+        z = self.prior(y).sample() if isinstance(self.prior_net, ClassPrior) else self.prior().sample((num_samples,))
+        return self.decode(z, y).mean
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
 
 
 # -- building ---------------------------------------------------------------------------------
@@ -362,8 +404,11 @@ def build_labelled_vae(model_config, image_shape, num_classes: int, name: str | 
     _, decoder = make_networks(config.arch, image_shape, config.z_dim + num_classes, config.hidden_dim,
                                config.num_layers)
     likelihood = make_likelihood(config.likelihood, image_shape, **config.likelihood_options)
-    prior = make_prior(config.prior, config.z_dim, encoder=encoder, image_shape=image_shape,
-                       data_domain=likelihood.accepts, **config.prior_options)
+    if config.class_prior:
+        prior = ClassPrior(config.z_dim, num_classes)
+    else:
+        prior = make_prior(config.prior, config.z_dim, encoder=encoder, image_shape=image_shape,
+                           data_domain=likelihood.accepts, **config.prior_options)
     head = LabelHead(config.z_dim, num_classes, config.hidden_dim)
     classifier = None
     if config.labels == "semi_supervised":
@@ -565,7 +610,7 @@ def class_log_likelihoods(vae: LabelledVAE, x: torch.Tensor, num_samples: int, c
     z_loc, z_scale = vae.encoder(x)
     y = torch.eye(vae.num_classes, dtype=x.dtype, device=x.device).unsqueeze(1)  # (C, 1, C)
     q = vae.guide_net(*vae.head(z_loc, z_scale, y))  # batch (C, B)
-    prior = vae.prior()
+    prior = vae.prior(y)
     total = torch.full((vae.num_classes, len(x)), -math.inf, dtype=x.dtype, device=x.device)
     for start in range(0, num_samples, chunk):
         z = q.sample((min(chunk, num_samples - start),))  # (k, C, B, z_dim)

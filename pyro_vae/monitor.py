@@ -179,11 +179,12 @@ class Monitor(Callback):
         if self.snapshots is not None:
             inputs = self.val_images[: len(self.snapshots["inputs"])].to(self.device)
             with seeded(self.seed, self.device):  # the same draws every epoch, from p(z) as it is now
-                z = vae.prior().sample((SNAPSHOT_SAMPLES,))
+                # (a labelled VAE's: from p(z|y), the classes in turn)
+                samples = vae.sample_images(SNAPSHOT_SAMPLES)
             self.snapshots["frames"].append({
                 "epoch": epoch,
                 "reconstructions": to_uint8(vae.reconstruct(inputs)),
-                "samples": to_uint8(vae.decode(z).mean),
+                "samples": to_uint8(samples),
             })
         if self._writer is not None:
             self._write_events(vae, record)

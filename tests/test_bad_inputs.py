@@ -189,6 +189,7 @@ REFUSED = {
                                          "model.classifier_arch=resnet"], ["model.classifier_arch", "'resnet'", "conv"]),
     "classifier-arch-without-classifier": (TRAIN + ["--set", "model.classifier_arch=conv"],
                                            ["model.classifier_arch = 'conv'", "semi_supervised"]),
+    "class-prior-without-labels": (TRAIN + ["--set", "model.class_prior=true"], ["model.class_prior = true", "p(z|y)"]),
     "labels-by-unknown": (TRAIN + ["--set", "objective.labels_by=sample"], ["objective.labels_by", "choose one of"]),
     "temperature-zero": (TRAIN + ["--set", "objective.temperature=0"], ["objective.temperature", "> 0"]),
     "classifier-weight-negative": (TRAIN + ["--set", "objective.classifier_weight=-1"],

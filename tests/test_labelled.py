@@ -183,6 +183,28 @@ def test_the_classifier_may_be_of_another_architecture():
     assert vae.classify(class_data(5)[0]).shape == (5, NUM_CLASSES)
 
 
+def test_a_class_prior_gives_each_class_its_own_gaussian_and_their_mixture_without_a_label():
+    from pyro_vae.labelled import ClassPrior
+
+    pyro.set_rng_seed(0)
+    vae = build_labelled_vae(small_config("conditional", **{"model.class_prior": True}).model, IMAGE_SHAPE,
+                             NUM_CLASSES)
+    assert isinstance(vae.prior_net, ClassPrior)
+    with torch.no_grad():
+        vae.prior_net.locs.copy_(torch.tensor([[-4.0, 0.0], [0.0, 0.0], [4.0, 0.0]]))
+    y = torch.eye(NUM_CLASSES)
+    assert torch.equal(vae.prior(y).mean, vae.prior_net.locs)
+    z = torch.tensor([[4.0, 0.0]])
+    # the marginal is the mean of the classes' densities
+    expected = vae.prior(y.unsqueeze(1)).log_prob(z).logsumexp(0) - math.log(NUM_CLASSES)
+    torch.testing.assert_close(vae.prior().log_prob(z), expected)
+    # the model scores z under p(z|y): a labelled item's loss is finite, and the draws of a class sit at its mean
+    x, labels = class_data(6)
+    assert math.isfinite(Trace_ELBO(max_plate_nesting=1).loss(vae.model_body, vae.guide_body, x, labels))
+    decoded = vae.sample_images(4, labels=torch.full((4,), 2))
+    assert decoded.shape == (4, *IMAGE_SHAPE)
+
+
 def test_a_conditional_vae_has_no_classifier_and_needs_every_label():
     vae = small_vae("conditional")
     x, y = class_data(6)
@@ -246,6 +268,14 @@ def test_a_labelled_run_resumes_exactly(tmp_path):
     assert [r["train_loss"] for r in whole.history] == [r["train_loss"] for r in resumed.history]
 
 
+def test_a_semi_supervised_run_with_a_class_prior_trains_and_evaluates():
+    config = small_config(**{"data.labelled": 6, "model.class_prior": True, "train.epochs": 1})
+    result = fit(config, labelled_splits(), progress=False)
+    x, y = class_data(12)
+    scores = evaluate_labelled(result.vae, x, y, num_samples=10)
+    assert math.isfinite(result.history[-1]["val_elbo"]) and math.isfinite(scores["test_log_likelihood"])
+
+
 def test_a_labelled_run_reloads_as_a_labelled_vae(tmp_path):
     fit(small_config("conditional", **{"train.epochs": 1}), labelled_splits(), tmp_path / "run", progress=False)
     vae = load_run(tmp_path / "run")
@@ -296,6 +326,9 @@ def test_samples_of_a_chosen_class_have_its_shape():
      "train.labelled_per_batch = 8 leaves no room"),
     ({"model.labels": "supervised"}, "model.labels = 'supervised': choose one of"),
     ({"objective.labels_by": "sample"}, "objective.labels_by = 'sample': choose one of"),
+    ({"model.class_prior": True}, "model.class_prior = true learns p(z|y)"),
+    ({"model.labels": "conditional", "model.class_prior": True, "model.prior": "mixture"},
+     "model.class_prior = true replaces model.prior = 'mixture'"),
     ({"objective.temperature": 0.0}, "objective.temperature = 0.0: must be > 0"),
 ])
 def test_label_keys_are_checked_against_each_other(overrides, message):
