@@ -62,7 +62,7 @@ from .seeding import probing, seeded
 
 __all__ = ["LABEL", "LABEL_MODES", "LABELS_BY", "ClassPrior", "ExpRelaxedCategorical", "LabelHead", "LabelledLoss", "LabelledVAE",
            "ScoreFunctionELBO", "accuracy", "build_labelled_vae", "build_model", "check_labelled_shapes",
-           "choose_labelled", "class_log_likelihoods", "evaluate_labelled", "labelled_order", "make_label_elbo",
+           "choose_labelled", "class_log_likelihoods", "evaluate_labelled", "labelled_epoch_items", "labelled_order", "make_label_elbo",
            "make_training_loss", "num_classes_of", "one_hot", "training_labels"]
 
 #: The label's sample site.
@@ -577,6 +577,26 @@ def choose_labelled(labels: torch.Tensor, count: int, num_classes: int, seed: in
     return torch.cat(chosen).sort().values
 
 
+def _batches_of(labels: torch.Tensor, batch_size: int, per_batch: int) -> tuple[int, int] | None:
+    """``(labelled items per batch, batches)`` of a semi-supervised epoch; ``None`` where it is a
+    plain permutation (no unlabelled items, no labelled ones, or batches of one item)."""
+    known = int((labels >= 0).sum())
+    unknown = len(labels) - known
+    per_batch = min(per_batch, batch_size - 1)
+    if known == 0 or unknown == 0 or per_batch <= 0:
+        return None
+    return per_batch, math.ceil(unknown / (batch_size - per_batch))
+
+
+def labelled_epoch_items(labels: torch.Tensor, batch_size: int, per_batch: int) -> int:
+    """The length of :func:`labelled_order`'s epoch, without drawing it."""
+    batches = _batches_of(labels, batch_size, per_batch)
+    if batches is None:
+        return len(labels)
+    per_batch, num_batches = batches
+    return int((labels < 0).sum()) + num_batches * per_batch
+
+
 def labelled_order(labels: torch.Tensor, batch_size: int, per_batch: int, generator: torch.Generator
                    ) -> torch.Tensor:
     """An epoch's order of training items for a semi-supervised run: each batch holds
@@ -585,14 +605,14 @@ def labelled_order(labels: torch.Tensor, batch_size: int, per_batch: int, genera
     items, so they are seen in every step rather than once an epoch. Without unlabelled items
     (or without labelled ones) it is a plain permutation.
     """
+    batches = _batches_of(labels, batch_size, per_batch)
+    if batches is None:
+        return torch.randperm(len(labels), generator=generator)
+    per_batch, num_batches = batches
     known = (labels >= 0).nonzero().flatten()
     unknown = (labels < 0).nonzero().flatten()
-    per_batch = min(per_batch, batch_size - 1)
-    if len(known) == 0 or len(unknown) == 0 or per_batch <= 0:
-        return torch.randperm(len(labels), generator=generator)
     unknown = unknown[torch.randperm(len(unknown), generator=generator)]
     step = batch_size - per_batch
-    num_batches = math.ceil(len(unknown) / step)
     passes = math.ceil(num_batches * per_batch / len(known))
     repeated = torch.cat([known[torch.randperm(len(known), generator=generator)] for _ in range(passes)])
     pieces = []

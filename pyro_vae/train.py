@@ -40,7 +40,8 @@ from .data import ImageData, Splits, binarize_once, check_likelihood_range, iter
 from .distributed import (Runtime, SharedNoise, all_reduce_sum, current_runtime, data_parallel, local_part,
                           shard_bounds)
 from .elbo import mean_elbo
-from .labelled import LabelledVAE, build_model, labelled_order, make_training_loss, training_labels, accuracy
+from .labelled import (LabelledVAE, accuracy, build_model, labelled_epoch_items, labelled_order, make_training_loss,
+                       training_labels)
 from .likelihoods import LIKELIHOODS
 from .model import LATENT, VAE, init_output_bias
 from .monitor import Monitor
@@ -273,11 +274,7 @@ class _Parts:
         labelled ones as often as its batches draw them (:func:`epoch_order`)."""
         if self.labels is None or self.config.model.labels != "semi_supervised":
             return len(self.images)
-        unlabelled = int((self.labels < 0).sum())
-        if unlabelled in (0, len(self.labels)):
-            return len(self.images)
-        per_batch = min(self.config.train.labelled_per_batch, self.config.train.batch_size - 1)
-        return unlabelled + math.ceil(unlabelled / (self.config.train.batch_size - per_batch)) * per_batch
+        return labelled_epoch_items(self.labels, self.config.train.batch_size, self.config.train.labelled_per_batch)
 
     @property
     def num_steps(self) -> int:

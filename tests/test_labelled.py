@@ -23,7 +23,8 @@ from pyro_vae.config import load_config
 from pyro_vae.contract import ConfigError, DataError
 from pyro_vae.data import from_tensors
 from pyro_vae.labelled import (LabelledLoss, LabelledVAE, build_labelled_vae, choose_labelled,
-                               class_log_likelihoods, evaluate_labelled, labelled_order, make_label_elbo)
+                               class_log_likelihoods, evaluate_labelled, labelled_epoch_items, labelled_order,
+                               make_label_elbo)
 from pyro_vae.train import fit
 
 NUM_CLASSES = 3
@@ -239,6 +240,8 @@ def test_an_epoch_sees_every_unlabelled_item_once_and_labelled_ones_in_every_bat
     drawn = torch.bincount(order[labels[order] >= 0], minlength=103)[[5, 17, 60]]
     assert int(drawn.max() - drawn.min()) <= 1  # passes over the labelled items, each drawn alike
     assert torch.equal(order, labelled_order(labels, 10, 2, torch.Generator().manual_seed(0)))
+    assert len(order) == labelled_epoch_items(labels, 10, 2)
+    assert labelled_epoch_items(labels, 1, 2) == len(labelled_order(labels, 1, 2, torch.Generator())) == 103
 
 
 # -- training, resume, evaluation ----------------------------------------------------------------
