@@ -65,6 +65,9 @@ class DataConfig:
     #: training items, balanced across the classes and drawn by ``split_seed``; the others are
     #: unlabelled. 0: every training item keeps its label.
     labelled: int = 0
+    #: Training batches only: translate each image by up to this many pixels in each axis, at
+    #: random, zero-filled (:func:`~pyro_vae.data.shift_images`); 0: the images as they are.
+    augment_shift: int = 0
 
 
 @dataclass(frozen=True)
@@ -198,6 +201,7 @@ _BOUNDS = {
     "data.image_size": (0, True),
     "data.val_size": (1, True),
     "data.labelled": (0, True),
+    "data.augment_shift": (0, True),
     "objective.temperature": (0.0, False),
     "objective.classifier_weight": (0.0, True),
     "train.labelled_per_batch": (1, True),

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .callbacks import CallbackList, Console, RecordCallback
 from .checkpoint import BUILT_BY_HAND, BUILT_FROM_CONFIG, training_state
 from .config import Config, from_dict
-from .data import ImageData, Splits, binarize_once, check_likelihood_range, iterate_batches, prepare
+from .data import ImageData, Splits, binarize_once, check_likelihood_range, check_shift, iterate_batches, prepare
 from .distributed import (Runtime, SharedNoise, all_reduce_sum, current_runtime, data_parallel, local_part,
                           shard_bounds)
 from .elbo import mean_elbo
@@ -424,7 +424,8 @@ def _train_epoch(parts: _Parts, loop: _Loop, beta: float, callbacks: CallbackLis
     dynamic = parts.config.data.binarize == "dynamic"
     batch_size, runtime = parts.config.train.batch_size, parts.runtime
     batches = iterate_batches(parts.images, batch_size, parts.generator, dynamic, loop.order, loop.step,
-                              shard=lambda size: local_part(size, runtime)[:2])  # each rank reads its part
+                              shard=lambda size: local_part(size, runtime)[:2],  # each rank reads its part
+                              max_shift=parts.config.data.augment_shift)
     for index, batch in batches:
         size = min(batch_size, len(loop.order) - index * batch_size)  # the batch's items on all ranks
         if parts.labels is not None:  # a labelled run's model takes the batch's labels beside it
@@ -582,6 +583,7 @@ def check_data(config: Config, splits: Splits, likelihood=None) -> None:
     accepts = getattr(cls if likelihood is None else likelihood, "accepts", None)
     if accepts is not None:
         check_likelihood_range(splits.train, accepts, config.data.binarize, name)
+    check_shift(config.data.augment_shift, tuple(splits.train.shape[1:]))
 
 
 def _gradient_sum(vae: VAE) -> float:

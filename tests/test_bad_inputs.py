@@ -116,6 +116,12 @@ REFUSED = {
 
     "data-inf": (TRAIN + ["--data", "{inf_npy}"], ["inf.npy", "infinite"]),
     "data-one-dimensional": (TRAIN + ["--data", "{flat_npy}"], ["flat.npy", "(N, D)"]),
+    "augment-shift-negative": (TRAIN + ["--set", "data.augment_shift=-1"], ["data.augment_shift", ">= 0"]),
+    "augment-shift-wider-than-the-images": (TRAIN + ["--data", "{real_npy}", "--set", "data.binarize=none",
+                                                     "--likelihood", "gaussian", "--set", "data.augment_shift=4"],
+                                            ["data.augment_shift = 4", "4 x 4 pixels"]),
+    "augment-shift-vectors": (TRAIN + ["--data", "{vectors_npy}", "--set", "data.binarize=none", "--likelihood",
+                                       "gaussian", "--set", "data.augment_shift=1"], ["data.augment_shift = 1", "vectors"]),
     "data-labels-wrong-length": (TRAIN + ["--data", "{labels_npz}"], ["labels.npz", "labels of shape (3,) for 4"]),
     "data-test-fraction-zero": (TRAIN + ["--data", "{real_npy}", "--set", "data.test_fraction=0"],
                                 ["data.test_fraction", "test split"]),
@@ -432,12 +438,13 @@ def _bad_data_files(tmp: Path) -> dict[str, str]:
     np.save(tmp / "flat.npy", np.zeros(12))
     np.savez(tmp / "labels.npz", images=np.zeros((4, 2, 2)), labels=np.arange(3))
     np.save(tmp / "real.npy", np.random.default_rng(0).normal(size=(40, 1, 4, 4)).astype(np.float32))
+    np.save(tmp / "vectors.npy", np.random.default_rng(0).normal(size=(40, 6)).astype(np.float32))
     np.save(tmp / "truncated.npy", np.zeros((40, 1, 4, 4), dtype=np.uint8))
     with open(tmp / "truncated.npy", "r+b") as file:  # the header still promises 640 bytes of data
         file.truncate((tmp / "truncated.npy").stat().st_size - 100)
     names = {"docs": "docs", "broken_images": "broken_images", "mixed_images": "mixed_images", "nan_npy": "nan.npy",
              "inf_npy": "inf.npy", "flat_npy": "flat.npy", "labels_npz": "labels.npz", "real_npy": "real.npy",
-             "truncated_npy": "truncated.npy"}
+             "truncated_npy": "truncated.npy", "vectors_npy": "vectors.npy"}
     return {key: str(tmp / name) for key, name in names.items()}
 
 

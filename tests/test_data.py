@@ -12,6 +12,7 @@ from pyro_vae.data import (
     load_splits,
     prepare,
     resolve_data_dir,
+    shift_images,
 )
 
 from helpers import one_line
@@ -113,3 +114,47 @@ def test_train_limit_takes_the_first_images(mnist_dir, mnist):
     assert len(limited.train) == 2000
     assert torch.equal(limited.train.images, mnist.train.images[:2000])
     assert torch.equal(limited.val.images, mnist.val.images)
+
+
+def _moved(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """``images`` (N, C, H, W) translated by (dy, dx) pixels, zero-filled: written out with slices."""
+    out = torch.zeros_like(images)
+    height, width = images.shape[-2:]
+    out[..., max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)] = \
+        images[..., max(-dy, 0) : height + min(-dy, 0), max(-dx, 0) : width + min(-dx, 0)]
+    return out
+
+
+def test_shift_images_translates_each_image_by_uniform_offsets_within_the_bound():
+    """Every output is its input moved by exactly one offset pair in -2..2 (the images are
+    random, so no two offsets give the same output), and the 25 pairs are drawn uniformly: over
+    5,000 images each count is Binomial(5000, 1/25), mean 200 and standard deviation 13.9; the
+    bound of 200 +- 90 (6.5 sd) fails with probability below 1e-9 per cell for any seed."""
+    images = torch.rand(5000, 2, 7, 6, generator=torch.Generator().manual_seed(0))
+    moved = shift_images(images, 2, torch.Generator().manual_seed(1))
+    assert moved.shape == images.shape
+    offsets = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)]
+    matches = torch.stack([(_moved(images, *o) == moved).flatten(1).all(1) for o in offsets])  # (25, N)
+    assert matches.sum(0).eq(1).all()
+    counts = matches.sum(1)
+    assert counts.ge(110).all() and counts.le(290).all(), counts
+
+
+def test_a_shard_is_shifted_as_the_whole_batch_would_be():
+    images = torch.rand(10, 1, 5, 5, generator=torch.Generator().manual_seed(0))
+    whole = shift_images(images, 1, torch.Generator().manual_seed(3))
+    part = shift_images(images[4:7], 1, torch.Generator().manual_seed(3), of=(4, 10))
+    assert torch.equal(part, whole[4:7])
+
+
+def test_batches_are_shifted_after_their_bits_are_drawn_and_only_when_asked():
+    images = torch.rand(20, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    order = torch.arange(20)
+    plain = [b for _, b in iterate_batches(images, 8, torch.Generator().manual_seed(4), True, order)]
+    unshifted = [b for _, b in iterate_batches(images, 8, torch.Generator().manual_seed(4), True, order, max_shift=0)]
+    shifted = [b for _, b in iterate_batches(images, 8, torch.Generator().manual_seed(4), True, order, max_shift=2)]
+    assert all(torch.equal(a, b) for a, b in zip(plain, unshifted))
+    # the first batch's bits come first from the generator, then its offsets
+    assert set(shifted[0].unique().tolist()) <= {0.0, 1.0}
+    assert shifted[0].sum() <= plain[0].sum()  # a translation only pushes pixels out
+    assert not all(torch.equal(a, b) for a, b in zip(plain, shifted))

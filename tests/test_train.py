@@ -68,8 +68,9 @@ def test_resume_at_epoch_boundary_equals_uninterrupted(tmp_path, splits, tiny_co
     assert [r["epoch"] for r in lines] == [1, 2, 3]
 
 
-def test_ctrl_c_mid_epoch_saves_and_resume_equals_uninterrupted(tmp_path, splits, tiny_config, monkeypatch):
-    config = tiny_config.replace(**{"train.epochs": 2})
+@pytest.mark.parametrize("shift", [0, 1])
+def test_ctrl_c_mid_epoch_saves_and_resume_equals_uninterrupted(tmp_path, splits, tiny_config, monkeypatch, shift):
+    config = tiny_config.replace(**{"train.epochs": 2, "data.augment_shift": shift})
     full = fit(config, splits, progress=False).history
 
     real_batches = train_module.iterate_batches
