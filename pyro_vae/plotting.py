@@ -15,7 +15,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from .elbo import IWAE_BOUNDS, kl_per_dimension
-from .labelled import LabelledVAE
+from .labelled import ClassPrior, LabelledVAE
 from .seeding import seeded
 
 #: Colours of classes: up to 10 or 20 classes get distinct qualitative colours; more classes
@@ -290,7 +290,9 @@ def _label_rows(ax, names, row_height: int) -> None:
 
 @torch.no_grad()
 def plot_class_grid(vae, num_columns: int = 10, seed: int = 0, class_names=None) -> Figure:
-    """Analogies of a labelled VAE: one row per class, one column per draw of z from the prior.
+    """Analogies of a labelled VAE: one row per class, one column per draw of z from the prior
+    (with a learned p(z|y), ``model.class_prior``: one draw of the standard noise, placed in each
+    class's Gaussian).
 
     Every image of a column decodes the same z with another class y, so what a column shares
     (slant, thickness) is what z holds and what a row shares is the class: the picture of
@@ -302,18 +304,24 @@ def plot_class_grid(vae, num_columns: int = 10, seed: int = 0, class_names=None)
         the same columns, and the caller's random state is left as it was.
     :param class_names: a name per class index for the row labels; ``None``: the indices.
     """
-    with seeded(seed, _device_of(vae)):
-        z = vae.prior().sample((num_columns,))  # (num_columns, z_dim)
-    classes = torch.arange(vae.num_classes, device=z.device)
-    z_rows = z.expand(vae.num_classes, *z.shape)  # (classes, num_columns, z_dim)
+    classes = torch.arange(vae.num_classes, device=_device_of(vae))
     y_rows = classes[:, None].expand(vae.num_classes, num_columns)
-    decoded = vae.decode(z_rows.reshape(-1, z.shape[-1]), y_rows.reshape(-1)).mean
+    with seeded(seed, _device_of(vae)), torch.no_grad():
+        if isinstance(vae.prior_net, ClassPrior):
+            # a learned p(z|y), a Gaussian per class: a column shares the standardized draw, so
+            # it keeps its place in each class's Gaussian (z = loc_y + scale_y * eps)
+            eps = torch.randn(num_columns, vae.prior_net.locs.shape[-1], device=classes.device)
+            z_rows = vae.prior_net.locs[:, None] + vae.prior_net.scales()[:, None] * eps  # (classes, columns, z_dim)
+        else:  # p(z) alone: a column shares z itself
+            z = vae.prior().sample((num_columns,))  # (num_columns, z_dim)
+            z_rows = z.expand(vae.num_classes, *z.shape)
+    decoded = vae.decode(z_rows.reshape(-1, z_rows.shape[-1]), y_rows.reshape(-1)).mean
     if decoded.dim() != 4:
         raise ValueError(f"the class grid draws images (C, H, W); this VAE decodes items of shape "
                          f"{tuple(decoded.shape[1:])}")
     fig = Figure(figsize=(num_columns * 0.7 + 1.2, vae.num_classes * 0.7 + 0.8), layout="constrained")
     ax = fig.add_subplot()
-    _show(ax, tile_images(decoded, num_columns), "each column: one z ~ p(z), decoded with each class y")
+    _show(ax, tile_images(decoded, num_columns), "each column: one draw of z, decoded with each class y")
     _label_rows(ax, classes.tolist() if class_names is None else class_names, decoded.shape[-2] + 1)
     ax.set_ylabel("class y")
     return fig

@@ -323,6 +323,31 @@ def test_class_grid_rows_are_classes_and_columns_share_one_z(monkeypatch):
     assert not (plot_class_grid(vae, num_columns=5, seed=8).axes[0].images[0].get_array() == first).all()
 
 
+def test_class_grid_with_a_class_prior_places_one_noise_draw_in_each_class_gaussian(monkeypatch):
+    from pyro_vae.labelled import build_labelled_vae
+
+    torch.manual_seed(0)
+    config = load_config(None, {"model.labels": "conditional", "model.z_dim": 2, "model.hidden_dim": 8,
+                                "model.class_prior": True})
+    vae = build_labelled_vae(config.model, (1, 8, 8), 3).eval()
+    with torch.no_grad():  # classes far apart, with scales of their own
+        vae.prior_net.locs.copy_(torch.tensor([[-5.0, 0.0], [0.0, 5.0], [5.0, 0.0]]))
+        vae.prior_net.raw_scales.copy_(torch.tensor([[0.0, 0.0], [1.0, -1.0], [-2.0, 0.5]]))
+    decoded = {}
+    decode = vae.decode
+
+    def spy(z, y):
+        decoded["z"] = z
+        return decode(z, y)
+    monkeypatch.setattr(vae, "decode", spy)
+    plot_class_grid(vae, num_columns=4, seed=7)
+    z = decoded["z"].reshape(3, 4, 2)
+    locs, scales = vae.prior_net.locs.detach(), vae.prior_net.scales().detach()
+    eps = (z - locs[:, None]) / scales[:, None]  # each row's draw, standardized by its own class
+    assert all(torch.allclose(eps[0], eps[row], atol=1e-5) for row in range(3))
+    assert not torch.allclose(z[0], z[2])
+
+
 def test_class_grid_refuses_vectors():
     config = load_config(None, {"model.labels": "conditional", "model.z_dim": 2, "model.hidden_dim": 8,
                                 "model.likelihood": "gaussian", "data.binarize": "none"})
