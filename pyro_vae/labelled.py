@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from .config import LABEL_MODES, LABELS_BY
 from .contract import ConfigError, DataError
-from .distributed import ELBOLoss
+from .distributed import ELBOLoss, shared_noise
 from .elbo import make_elbo
 from .guides import representative_code
 from .model import (LATENT, OBSERVED, PLATE, _build_guide, _default_name, build_vae, check_model_fits, latent_weight,
@@ -200,6 +200,9 @@ class LabelledVAE(nn.Module):
     is the objective's choice, handed to both programs as ``beta`` is: ``labels_by`` (one of
     :data:`LABELS_BY`) and the relaxation's ``temperature``.
     """
+
+    #: The latent sites that are drawn by reparameterization (a rank's shared noise); y is enumerated.
+    latent_sites = (LATENT,)
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: nn.Module, prior: nn.Module,
                  guide: nn.Module, head: LabelHead, num_classes: int, classifier: nn.Module | None = None, *,
@@ -487,25 +490,54 @@ class LabelledLoss(nn.Module):
         self.labels_by = _checked(labels_by)
         self.temperature = temperature
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, shard: tuple[int, int, int] | None = None, **kwargs
+                ) -> torch.Tensor:
+        """``x``: the items; ``y``: their labels, or with ``shard = (begin, end, total)`` the
+        labels of the whole batch of which ``x`` is the items ``[begin, end)`` (a rank's part)."""
         kwargs.update(labels_by=self.labels_by, temperature=self.temperature)
-        known = y >= 0
+        begin, end = (0, len(x)) if shard is None else shard[:2]
         loss = x.new_zeros(())
-        if not bool(known.all()):
-            unknown = ~known
-            bound = self.estimator.differentiable_loss(self.vae.model_body, self.vae.guide_body, x[unknown], None,
-                                                       **kwargs)
-            if self.labels_by == "score_function" and self.training:
-                self.vae.baseline.follow(-bound.detach() / int(unknown.sum()))  # the cost is minus the loss
-            loss = loss + bound
-        if bool(known.any()):
-            x_known, y_known = x[known], y[known]
-            loss = loss + self.labelled_estimator.differentiable_loss(self.vae.model_body, self.vae.guide_body,
-                                                                      x_known, y_known, **kwargs)
-            if self.vae.semi_supervised and self.classifier_weight > 0:
-                loss = loss + self.classifier_weight * F.cross_entropy(self.vae.classify(x_known), y_known,
-                                                                       reduction="sum")
+        for labelled in (False, True):  # the order of a single process's draws: unlabelled items first
+            part = _Part(y >= 0 if labelled else y < 0, begin, end, shard is not None)
+            if part.total == 0:
+                continue
+            x_part, y_part = x[part.rows], y[begin:end][part.rows] if labelled else None
+            if part.empty:  # another rank's items: draw their noise all the same, score one item with weight 0
+                x_part, y_part = x[:1], y[part.first_of_batch].expand(1) if labelled else None
+            with shared_noise(self.vae.latent_sites, part.shard):
+                if labelled:
+                    part_loss = self._labelled(x_part, y_part, **kwargs)
+                else:
+                    part_loss = self.estimator.differentiable_loss(self.vae.model_body, self.vae.guide_body,
+                                                                   x_part, None, **kwargs)
+                    if self.labels_by == "score_function" and self.training:  # one process (see fit)
+                        self.vae.baseline.follow(-part_loss.detach() / len(x_part))  # the cost is minus the loss
+            loss = loss + (part_loss * 0 if part.empty else part_loss)
         return loss
+
+    def _labelled(self, x: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
+        """-L(x, y) summed over labelled items, and the classifier's weighted cross-entropy."""
+        loss = self.labelled_estimator.differentiable_loss(self.vae.model_body, self.vae.guide_body, x, y, **kwargs)
+        if self.vae.semi_supervised and self.classifier_weight > 0:
+            loss = loss + self.classifier_weight * F.cross_entropy(self.vae.classify(x), y, reduction="sum")
+        return loss
+
+
+class _Part:
+    """The labelled or the unlabelled items of a batch (``mask`` over the whole batch) that
+    a rank's part ``[begin, end)`` holds: ``rows`` (of the rank's items), and ``shard``, their
+    place among all the batch's items of that kind, for :class:`SharedNoise` (``None`` for one
+    process). ``empty``: the batch has items of that kind, but none of them is this rank's."""
+
+    def __init__(self, mask: torch.Tensor, begin: int, end: int, distributed: bool):
+        self.rows = mask[begin:end]
+        self.total = int(mask.sum())
+        count = int(self.rows.sum())
+        self.empty = distributed and count == 0 and self.total > 0
+        self.first_of_batch = int(mask.nonzero()[0]) if self.empty else None
+        before = int(mask[:begin].sum())
+        self.shard = None if not distributed else (0, 1, self.total) if self.empty else (before, before + count,
+                                                                                          self.total)
 
 
 def make_training_loss(vae: nn.Module, objective) -> nn.Module:

@@ -105,6 +105,9 @@ class VAE(nn.Module):
     optimizer. :meth:`check_shapes` checks the parts against each other on a datum of zeros.
     """
 
+    #: The latent sites, for code that draws or inspects them (a rank's shared noise).
+    latent_sites = (LATENT,)
+
     def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: nn.Module, prior: nn.Module, *,
                  guide: nn.Module | None = None, name: str | None = None):
         super().__init__()

@@ -37,13 +37,12 @@ from .callbacks import CallbackList, Console, RecordCallback
 from .checkpoint import BUILT_BY_HAND, BUILT_FROM_CONFIG, training_state
 from .config import Config, from_dict
 from .data import ImageData, Splits, binarize_once, check_likelihood_range, check_shift, iterate_batches, prepare
-from .distributed import (Runtime, SharedNoise, all_reduce_sum, current_runtime, data_parallel, local_part,
-                          shard_bounds)
+from .distributed import Runtime, all_reduce_sum, current_runtime, data_parallel, local_part, shard_bounds
 from .elbo import mean_elbo
 from .labelled import (LabelledVAE, accuracy, build_model, labelled_epoch_items, labelled_order, make_training_loss,
                        training_labels)
 from .likelihoods import LIKELIHOODS
-from .model import LATENT, VAE, init_output_bias
+from .model import VAE, init_output_bias
 from .monitor import Monitor
 from .run_folder import METRICS_NAME, RunFolder
 from .seeding import preserved, probing
@@ -333,9 +332,10 @@ def _prepare(config: Config, splits: Splits, device, vae: VAE | None, built: str
     optimizer and the loss. In this order: it is the order of the draws from the seeded stream."""
     runtime = current_runtime(device)
     labels, num_classes = training_labels(config, splits)  # one line if the data cannot give them
-    if labels is not None and runtime.distributed:
-        raise ValueError(f"model.labels = {config.model.labels!r} trains in one process for now; run it without "
-                         "torchrun")
+    if labels is not None and runtime.distributed and config.model.labels == "semi_supervised" \
+            and config.objective.labels_by != "enumerate":
+        raise ValueError(f"objective.labels_by = {config.objective.labels_by!r} trains in one process: its draws of "
+                         "y are not shared across ranks as those of z are; run it without torchrun, or enumerate")
     pyro.set_rng_seed(config.train.seed)
     if vae is None:
         vae = build_model(config.model, splits.train.image_shape, num_classes)  # checks its parts' shapes
@@ -351,7 +351,7 @@ def _prepare(config: Config, splits: Splits, device, vae: VAE | None, built: str
     vae = vae.to(runtime.device)
     optimizer = make_optimizer(vae.parameters(), config.train.lr)
     loss = make_training_loss(vae, config.objective)
-    objective = data_parallel(loss, runtime, may_mask=_may_mask(config.objective))
+    objective = data_parallel(loss, runtime, may_mask=_may_mask(config))
     # Splits built by hand have no source: say so, so that no command reads other data for it
     source = splits.source or {"dataset": None, "kind": "tensors", "path": None, "fingerprint": None}
     return _Parts(config=config, runtime=runtime, vae=vae, loss=loss, objective=objective, optimizer=optimizer,
@@ -495,8 +495,8 @@ def _batch_loss(module: torch.nn.Module, parts: _Parts, batch: torch.Tensor | tu
     if not runtime.distributed:
         return module(*inputs, beta=beta, reconstruction_weight=weight)
     begin, end, scale = local_part(size, runtime)
-    with SharedNoise(LATENT, begin, end, size):
-        return module(*inputs, beta=beta, reconstruction_weight=weight) * scale
+    # the loss draws the latent sites of its part from the whole batch's noise (SharedNoise)
+    return module(*inputs, beta=beta, reconstruction_weight=weight, shard=(begin, end, size)) * scale
 
 
 def _numbers_blew_up(parts: _Parts, batch: torch.Tensor, size: int, beta: float) -> bool:
@@ -601,9 +601,12 @@ def _parameters_finite(vae: VAE) -> bool:
     return not sums or math.isfinite(torch.stack(sums).sum().item())
 
 
-def _may_mask(objective) -> bool:
-    """Whether some step may mask a site, leaving parameters without a gradient."""
-    return objective.reconstruction_weight == 0 or objective.beta == 0 or objective.beta_schedule != "constant"
+def _may_mask(config: Config) -> bool:
+    """Whether some step may leave parameters without a gradient: a masked site, or a
+    semi-supervised model's score-function baseline, which only that way of handling y trains."""
+    objective = config.objective
+    return (objective.reconstruction_weight == 0 or objective.beta == 0 or objective.beta_schedule != "constant"
+            or (config.model.labels == "semi_supervised" and objective.labels_by != "score_function"))
 
 
 def _validation_elbo(vae: VAE, images: ImageData, runtime: Runtime) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -21,10 +22,12 @@ from pyro.infer import SVI, TraceEnum_ELBO, Trace_ELBO
 from pyro_vae.checkpoint import load_checkpoint, load_run
 from pyro_vae.config import load_config
 from pyro_vae.contract import ConfigError, DataError
-from pyro_vae.data import from_tensors
+from pyro_vae.data import from_tensors, load_splits
+from pyro_vae.distributed import shard_bounds
 from pyro_vae.labelled import (LabelledLoss, LabelledVAE, build_labelled_vae, choose_labelled,
                                class_log_likelihoods, evaluate_labelled, labelled_epoch_items, labelled_order,
                                make_label_elbo)
+from pyro_vae import train as train_module
 from pyro_vae.train import fit
 
 NUM_CLASSES = 3
@@ -158,6 +161,39 @@ def test_the_loss_of_a_mixed_batch_is_the_sum_of_its_parts():
              + Trace_ELBO(max_plate_nesting=1).differentiable_loss(vae.model_body, vae.guide_body, x[:3], y[:3])
              + 2.0 * torch.nn.functional.cross_entropy(vae.classify(x[:3]), y[:3], reduction="sum"))
     torch.testing.assert_close(whole, parts)
+
+
+@pytest.mark.parametrize("labels, known", [("semi_supervised", range(7, 10)), ("semi_supervised", range(0, 10)),
+                                           ("semi_supervised", range(0)), ("conditional", range(0, 10))])
+def test_the_shards_of_a_labelled_batch_add_up_to_the_batch(labels, known):
+    """What DDP relies on, for a labelled batch laid out as an epoch's order lays it (unlabelled
+    items, then the labelled ones): three ranks' losses and gradients, each drawing its rows of
+    the whole batch's noise, add up to the one process's. With 3 labelled items of 10, the
+    first ranks hold none of them and the last none of the unlabelled: they score one item with
+    weight 0, so that every rank draws the batch's noise in the same order."""
+    vae = small_vae(labels)
+    x, y = class_data(10)
+    given = torch.where(torch.isin(torch.arange(10), torch.tensor(list(known), dtype=torch.long)), y,
+                        torch.full_like(y, -1))
+    latent = make_label_elbo("enumerate") if labels == "semi_supervised" else Trace_ELBO(max_plate_nesting=1)
+    loss = LabelledLoss(vae, latent, Trace_ELBO(max_plate_nesting=1), classifier_weight=2.0)
+    params = [p for name, p in vae.named_parameters() if not name.startswith("baseline.")]
+    pyro.set_rng_seed(5)
+    whole = loss(x, given, beta=0.7)
+    whole_grads = [torch.zeros_like(p) if g is None else g
+                   for p, g in zip(params, torch.autograd.grad(whole, params, allow_unused=True))]
+    total, total_grads = 0.0, [torch.zeros_like(p) for p in params]
+    for rank in range(3):
+        begin, end = shard_bounds(len(x), rank, 3)
+        pyro.set_rng_seed(5)  # every rank holds the same random stream
+        part = loss(x[begin:end], given, shard=(begin, end, len(x)), beta=0.7)
+        total = total + part
+        for acc, g in zip(total_grads, torch.autograd.grad(part, params, allow_unused=True)):
+            acc += 0 if g is None else g
+    # sums over 3 shards against one sum: equal up to float rounding
+    torch.testing.assert_close(total, whole, rtol=1e-5, atol=1e-4)
+    for a, b in zip(total_grads, whole_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_the_programs_run_in_stock_pyro_svi():
@@ -364,6 +400,38 @@ def test_the_ways_of_handling_the_label_are_compared_side_by_side():
 
 
 # -- the commands ------------------------------------------------------------------------------------
+
+@pytest.mark.mnist
+def test_two_processes_train_a_semi_supervised_run_as_one_does(tmp_path, mnist_dir):
+    """torchrun with two ranks against one process, the same config: the same weights up to
+    float rounding (each rank's matrix products run over its own rows). The batches of 50 put
+    their 10 labelled items last, so one rank holds labelled items and the other none."""
+    overrides = {"model.labels": "semi_supervised", "data.labelled": 20, "data.train_limit": 420,
+                 "data.val_size": 200, "train.epochs": 1, "train.batch_size": 50, "train.labelled_per_batch": 10,
+                 "model.hidden_dim": 32, "model.z_dim": 4}
+    args = [a for key, value in overrides.items() for a in ("--set", f"{key}={value}")]
+    run = tmp_path / "run"
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "-m", "pyro_vae", "train", *args, "--out", str(run), "--quiet", "--device", "cpu",
+                               "--data-dir", str(mnist_dir)], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    splits = load_splits("mnist", mnist_dir, val_size=200, train_limit=420)
+    single = fit(load_config(None, overrides), splits, progress=False)
+    state = load_checkpoint(run)
+    for name, value in single.vae.state_dict().items():
+        torch.testing.assert_close(state["model"][name], value, rtol=1e-4, atol=1e-5, msg=f"parameter {name}")
+    assert state["history"][0]["train_loss"] == pytest.approx(single.history[0]["train_loss"], rel=1e-5)
+    assert state["history"][0]["val_accuracy"] == pytest.approx(single.history[0]["val_accuracy"], abs=0.01)
+
+
+def test_sampling_the_label_under_torchrun_is_refused_in_one_line(monkeypatch):
+    from pyro_vae.distributed import Runtime
+
+    monkeypatch.setattr(train_module, "current_runtime", lambda device=None: Runtime(rank=0, world_size=2))
+    config = small_config(**{"data.labelled": 6, "objective.labels_by": "score_function"})
+    refused(ValueError, "objective.labels_by = 'score_function' trains in one process", fit, config,
+            labelled_splits(), progress=False)
 
 @pytest.mark.mnist
 def test_train_and_evaluate_a_semi_supervised_run_on_mnist(tmp_path, mnist_dir):
