@@ -150,7 +150,7 @@ def shard_bounds(size: int, rank: int, world_size: int) -> tuple[int, int]:
 
 
 class SharedNoise(Messenger):
-    """Reparameterized draws of one latent site taken from the global batch's noise.
+    """Reparameterized draws of latent sites taken from the global batch's noise.
 
     A single process draws the noise of the whole batch, ``eps`` of shape
     ``(..., batch_size, z_dim)``, from the torch random stream. Every rank has the same
@@ -159,19 +159,23 @@ class SharedNoise(Messenger):
     process's ``z``. Drawing the whole batch's noise costs each rank
     ``batch_size * z_dim`` normal draws a step, nothing next to the networks.
 
+    ``sites``: one site's name, or several (the layers of a hierarchical VAE): each draws its
+    whole batch's noise in the order the guide reaches it, as a single process does.
+
     Only the guide's draw is replaced: the model's latent site is replayed from the guide.
-    The site must be a (possibly independent-wrapped) Normal inside the data plate, the
+    Each site must be a (possibly independent-wrapped) Normal inside the data plate, the
     rightmost batch dimension, or a ``TransformedDistribution`` of one (a flow guide): its
     base's noise is drawn so, and pushed through the transforms as its ``rsample`` does (which
     also leaves each transform's cache holding the draw, so scoring it needs no inversion).
     """
 
-    def __init__(self, site: str, begin: int, end: int, total: int):
+    def __init__(self, sites: str | tuple[str, ...], begin: int, end: int, total: int):
         super().__init__()
-        self.site, self.begin, self.end, self.total = site, begin, end, total
+        self.sites = (sites,) if isinstance(sites, str) else tuple(sites)
+        self.begin, self.end, self.total = begin, end, total
 
     def _pyro_sample(self, msg):
-        if msg["name"] != self.site or msg["is_observed"] or msg["value"] is not None:
+        if msg["name"] not in self.sites or msg["is_observed"] or msg["value"] is not None:
             return
         fn = msg["fn"]
         # the data plate is the rightmost batch dimension of the site; a base distribution may
@@ -197,15 +201,19 @@ class ELBOLoss(nn.Module):
     """The negative ELBO of a batch as a module, so ``DistributedDataParallel`` can wrap it.
 
     ``forward(x, **kwargs)`` is ``estimator.differentiable_loss(vae.model_body,
-    vae.guide_body, x, **kwargs)``.
+    vae.guide_body, x, **options, **kwargs)``: ``options`` are keyword arguments of both
+    programs fixed for the run (a hierarchical VAE's ``layer_betas``).
     """
 
-    def __init__(self, vae: nn.Module, estimator):
+    def __init__(self, vae: nn.Module, estimator, **options):
         super().__init__()
         self.vae = vae
         self.estimator = estimator
+        self.options = options
 
     def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self.options:
+            kwargs = {**self.options, **kwargs}
         return self.estimator.differentiable_loss(self.vae.model_body, self.vae.guide_body, x, **kwargs)
 
 

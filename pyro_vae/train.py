@@ -494,7 +494,8 @@ def _batch_loss(module: torch.nn.Module, parts: _Parts, batch: torch.Tensor | tu
     if not runtime.distributed:
         return module(*inputs, beta=beta, reconstruction_weight=weight)
     begin, end, scale = local_part(size, runtime)
-    with SharedNoise(LATENT, begin, end, size):
+    # every latent site of the model (a hierarchical VAE's layers), each from the batch's noise
+    with SharedNoise(getattr(parts.vae, "latent_sites", LATENT), begin, end, size):
         return module(*inputs, beta=beta, reconstruction_weight=weight) * scale
 
 
@@ -601,7 +602,8 @@ def _parameters_finite(vae: VAE) -> bool:
 
 def _may_mask(objective) -> bool:
     """Whether some step may mask a site, leaving parameters without a gradient."""
-    return objective.reconstruction_weight == 0 or objective.beta == 0 or objective.beta_schedule != "constant"
+    return (objective.reconstruction_weight == 0 or objective.beta == 0 or objective.beta_schedule != "constant"
+            or 0 in objective.betas)
 
 
 def _validation_elbo(vae: VAE, images: ImageData, runtime: Runtime) -> float:
