@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from .components import has_closed_form_kl
 from .config import INFERENCES
 from .contract import ConfigError
-from .elbo import ACTIVE_UNIT_THRESHOLD, BOUND_KS, MAX_CHUNK_ELEMENTS, Estimates, make_elbo
+from .elbo import ACTIVE_UNIT_THRESHOLD, BOUND_KS, MAX_CHUNK_ELEMENTS, Estimates, _device_of, make_elbo
 from .guides import make_guide, representative_code
 from .likelihoods import fused_log_prob, make_likelihood
 from .model import OBSERVED, PLATE, _default_name, check_model_fits, latent_weight, site_weight
@@ -449,7 +449,7 @@ def evaluate_hierarchical(vae: HierarchicalVAE, images, num_samples: int = 1000,
     """
     if num_samples < 1:
         raise ValueError(f"num_samples = {num_samples}: must be >= 1")
-    device = next(vae.parameters()).device
+    device = _device_of(vae)
     if compiled is None:  # the rule of pyro_vae.elbo.evaluate
         from .elbo import FUSE_MIN_ELEMENTS
 
