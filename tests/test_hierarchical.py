@@ -333,3 +333,28 @@ def test_train_evaluate_plot_compare_sample_resume_from_the_command_line(inferen
     status, _, err = run_cli("train", "--resume", str(run), "--epochs", "2")
     assert status == 0, err
     assert load_checkpoint(run)["epoch"] == 2
+
+
+def test_tensorboards_validation_terms_sum_the_layers():
+    from pyro_vae.monitor import validation_terms
+
+    terms = validation_terms(small_vae(), binary_images(20), seed=0)
+    assert terms["kl"] > 0 and math.isfinite(terms["reconstruction"]) and 0 <= terms["active_units"] <= 6
+
+
+def test_compare_training_leaves_analytic_out_for_the_bottom_up_guide(tmp_path, run_cli, monkeypatch):
+    import pyro_vae.compare as compare
+
+    data = tmp_path / "images.npy"
+    np.save(data, (binary_images(60).squeeze(1).numpy() * 255).astype(np.uint8))
+    asked = []
+
+    def trap(config, splits, out, estimators, *args, **kwargs):
+        asked.extend(estimators)
+        raise KeyboardInterrupt  # nothing trains
+
+    monkeypatch.setattr(compare, "train_side_by_side", trap)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli("compare-training", "--data", str(data), *TINY, "--set", "model.inference=bottom_up",
+                "--out", str(tmp_path / "runs"))
+    assert asked and "analytic" not in asked
