@@ -784,9 +784,22 @@ def _compare_label_handling(args, vae, config, test) -> int:
 
 
 def _usable_on(vae, config, estimators: list[str]) -> list[str]:
-    """``estimators`` less 'analytic' where the run's guide and prior have no closed-form KL, with a note."""
+    """``estimators`` less 'analytic' where the run has no closed-form KL, with a note: its guide
+    and prior, or (a model of several latent layers) whatever the model says."""
     usable = _without_analytic(estimators)
-    if usable == estimators or has_closed_form_kl(vae.prior_net, vae.guide_net):
+    if usable == estimators:
+        return estimators
+    own = getattr(vae, "why_no_closed_form_kl", None)
+    if own is not None:
+        why = own()
+        if why is None:
+            return estimators
+        lack = f"model.z_dims = {config.model.z_dims} with model.inference = {config.model.inference!r}: {why}"
+        if not usable:
+            raise ConfigError(f"--estimators: nothing left to compare without 'analytic'; {lack}")
+        print(f"note: leaving out 'analytic'; {lack}", file=sys.stderr)
+        return usable
+    if has_closed_form_kl(vae.prior_net, vae.guide_net):
         return estimators
     pair = f"guide {config.model.guide!r} and prior {config.model.prior!r}"
     if not usable:
@@ -839,6 +852,10 @@ def _training_comparison_inputs(args):
         estimators = _without_analytic(estimators)
         print(f"note: guide {config.model.guide!r} and prior {config.model.prior!r} have no closed-form KL; "
               "leaving out 'analytic'", file=sys.stderr)
+    elif args.estimators is None and config.model.z_dims and config.model.inference == "bottom_up":
+        estimators = _without_analytic(estimators)
+        print("note: model.inference = 'bottom_up' draws z1 before z2, so a per-site KL at the later draw is not the "
+              "ELBO; leaving out 'analytic'", file=sys.stderr)
     for spec in estimators:  # every variant must be a valid config before any trains
         name, k = compare.parse_estimator(spec)
         config.replace(**{"objective.elbo": name, "objective.num_particles": k})

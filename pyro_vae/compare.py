@@ -100,8 +100,11 @@ def compare_estimators(vae, images: torch.Tensor, estimators=DEFAULT_ESTIMATORS,
     if repeats > GRADIENT_SEEDS or grad_samples > SEEDS_PER_CALL - GRADIENT_SEEDS:
         raise ValueError(f"repeats = {repeats}, grad_samples = {grad_samples}: at most "
                          f"{GRADIENT_SEEDS} and {SEEDS_PER_CALL - GRADIENT_SEEDS}")
-    encoder = [p for p in vae.encoder.parameters() if p.requires_grad]
-    decoder = [p for p in [*vae.decoder.parameters(), *vae.likelihood.parameters()] if p.requires_grad]
+    # a model of several parts per side (a hierarchical VAE) says which are the guide's own
+    groups = getattr(vae, "parameter_groups", None)
+    guide_parts, model_parts = groups() if groups is not None else ([vae.encoder], [vae.decoder, vae.likelihood])
+    encoder = list(_trainable(guide_parts))
+    decoder = list(_trainable(model_parts))
     records = []
     for spec in estimators:
         name, k = parse_estimator(spec)
@@ -125,6 +128,16 @@ def compare_estimators(vae, images: torch.Tensor, estimators=DEFAULT_ESTIMATORS,
             "num_images": len(images),
         })
     return records
+
+
+def _trainable(modules):
+    """The parameters of ``modules`` that require a gradient, each once (a part may share one)."""
+    seen = set()
+    for module in modules:
+        for p in module.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                yield p
 
 
 def _estimates(vae, estimator, images: torch.Tensor, repeats: int, batch_size: int, seed: int) -> list[float]:

@@ -31,6 +31,8 @@ from .elbo import ELBOS
 #: module builds the models, this one only checks the names)
 LABEL_MODES = ("none", "conditional", "semi_supervised")
 LABELS_BY = ("enumerate", "score_function", "gumbel_softmax")
+#: ``model.inference``, the guide of a hierarchical model (as :mod:`pyro_vae.hierarchical` names them)
+INFERENCES = ("ladder", "bottom_up")
 
 # ConfigError is importable from here too, but documented where it lives: pyro_vae.contract
 __all__ = ["Config", "DataConfig", "ModelConfig", "ObjectiveConfig", "TrainConfig", "load_config", "save_config",
@@ -99,6 +101,17 @@ class ModelConfig:
     classifier_arch: str = ""
     #: Labelled runs: learn p(z|y), one diagonal Gaussian per class (instead of ``prior``).
     class_prior: bool = False
+    #: Hierarchical latents (:mod:`pyro_vae.hierarchical`): the size of each layer, bottom (next
+    #: to x) first, e.g. [64, 32]; it replaces ``z_dim``. [] (or one size, the same as
+    #: ``z_dim``): the one-layer VAE.
+    z_dims: list = field(default_factory=list)
+    #: A hierarchical model's guide: "ladder" (a deterministic bottom-up pass, then top-down
+    #: draws whose Gaussians combine it with p(z_l|z_{l+1}): Sonderby et al. 2016) or
+    #: "bottom_up" (q(z_1|x) q(z_2|z_1) ...: Burda et al. 2015).
+    inference: str = "ladder"
+    #: A hierarchical model's layer networks (p(z_l|z_{l+1}), and the guide's between layers):
+    #: ``num_layers`` hidden layers of this width (0: ``hidden_dim``).
+    layer_hidden_dim: int = 0
 
 
 @dataclass(frozen=True)
@@ -126,6 +139,9 @@ class ObjectiveConfig:
     #: Semi-supervised runs: the weight of -log q(y|x) on each labelled item of a batch (the
     #: alpha of Kingma et al. 2014, eq. 9).
     classifier_weight: float = 1.0
+    #: A hierarchical model: each layer's KL weight relative to ``beta`` (bottom first, one per
+    #: entry of ``model.z_dims``; [] : all 1), so the beta schedule ramps every layer alike.
+    betas: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -184,6 +200,7 @@ def _choices() -> dict[str, list[str]]:
         "objective.beta_schedule": ["constant", "cyclical", "warmup"],
         "model.labels": list(LABEL_MODES),
         "model.classifier_arch": ["", *sorted(REGISTRIES["networks"])],
+        "model.inference": list(INFERENCES),
         "objective.labels_by": list(LABELS_BY),
         "train.lr_schedule": ["constant", "cosine"],
     }
@@ -208,6 +225,7 @@ _BOUNDS = {
     "model.z_dim": (1, True),
     "model.hidden_dim": (1, True),
     "model.num_layers": (1, True),
+    "model.layer_hidden_dim": (0, True),
     "objective.beta": (0.0, True),
     "objective.num_particles": (1, True),
     "objective.beta_epochs": (1, True),
@@ -254,6 +272,10 @@ def _check_type(key: str, value, expected):
         if not isinstance(value, str):
             raise ConfigError(f"{key} = {value!r}: expected a string")
         return value
+    if expected is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} = {value!r}: expected a list, e.g. [64, 32]")
+        return list(value)
     if expected is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} = {value!r}: expected a table of options, e.g. {{scale = 0.1}}")
@@ -302,6 +324,10 @@ def from_dict(raw: dict, base: Config | None = None) -> Config:
                 values[key] = {**values[key], option: value}
             else:
                 values[key] = _check_type(f"{name}.{key}", value, hints[key])
+        if name == "model":
+            values = _one_layer_as_z_dim(values)
+        if name == "objective":
+            values["betas"] = _layer_betas(values["betas"])
         sections[name] = cls(**values)
     unknown = sorted(set(raw) - set(_SECTION_CLASSES))
     if unknown:
@@ -320,6 +346,59 @@ def validate(config: Config) -> None:
     check_dataset_config(config.data)  # the name or path, and split sizes the data can give
     _check_components(config)
     _check_labels(config)
+    _check_layers(config)
+
+
+def _one_layer_as_z_dim(model: dict) -> dict:
+    """``model.z_dims`` checked (a list of integers >= 1); one size is ``z_dim`` itself, so that
+    a one-layer model has one description, whichever key gave it."""
+    sizes = model["z_dims"]
+    for size in sizes:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ConfigError(f"model.z_dims = {sizes!r}: each layer's size must be an integer >= 1")
+    if len(sizes) == 1:
+        return {**model, "z_dim": sizes[0], "z_dims": []}
+    return model
+
+
+def _layer_betas(betas: list) -> list:
+    """``objective.betas`` as finite numbers >= 0."""
+    checked = [_check_type("objective.betas", beta, float) for beta in betas]  # one line naming the key
+    if any(beta < 0 for beta in checked):
+        raise ConfigError(f"objective.betas = {betas!r}: each layer's weight must be >= 0")
+    return checked
+
+
+def _check_layers(config: Config) -> None:
+    """The keys of hierarchical models against each other (:mod:`pyro_vae.hierarchical`)."""
+    model, objective = config.model, config.objective
+    layers = len(model.z_dims)
+    if layers == 0:
+        example = "set model.z_dims to two or more layer sizes, e.g. [64, 32]"
+        if model.inference != "ladder":
+            raise ConfigError(f"model.inference = {model.inference!r} chooses the guide of a hierarchical model; "
+                              f"{example}, or leave it at 'ladder'")
+        if model.layer_hidden_dim:
+            raise ConfigError(f"model.layer_hidden_dim = {model.layer_hidden_dim} sizes the networks between the "
+                              f"layers of a hierarchical model; {example}, or leave it at 0")
+        if objective.betas:
+            raise ConfigError(f"objective.betas = {objective.betas} weights the layers of a hierarchical model; "
+                              f"{example}, or leave it empty (objective.beta weights the one layer)")
+        return
+    if model.labels != "none":
+        raise ConfigError(f"model.z_dims = {model.z_dims} with model.labels = {model.labels!r}: a labelled model has "
+                          "one latent layer for now; leave model.z_dims empty, or model.labels at 'none'")
+    if objective.betas and len(objective.betas) != layers:
+        raise ConfigError(f"objective.betas = {objective.betas}: one weight per layer of model.z_dims = "
+                          f"{model.z_dims}, so {layers} of them (or none: all 1)")
+    if objective.elbo == "analytic" and model.inference == "bottom_up":
+        raise ConfigError("objective.elbo = 'analytic' with model.inference = 'bottom_up': q(z2|z1) is drawn after "
+                          "z1, while TraceMeanField_ELBO takes KL(q(z1|x) || p(z1|z2)) at that later draw of z2, which "
+                          "is not the ELBO; use model.inference = 'ladder' (its guide draws top-down, as the model), "
+                          "or objective.elbo = 'mc' or 'stl'")
+    guide = record("guide", model.guide)
+    for size in model.z_dims:  # the guide family is built for every layer
+        guide.check_options(size, model.guide_options)
 
 
 def _check_labels(config: Config) -> None:
@@ -361,7 +440,8 @@ def _check_components(config: Config) -> None:
     for part, key in ((likelihood, "model.likelihood_options"), (prior, "model.prior_options"),
                       (guide, "model.guide_options")):
         _check_options(key, f"{part.kind} {part.name!r}", part.options, part.bounds, getattr(model, key[6:]))
-    guide.check_options(model.z_dim, model.guide_options)  # what bounds cannot say: options against z_dim
+    if not model.z_dims:  # a hierarchical model's layers are checked by _check_layers
+        guide.check_options(model.z_dim, model.guide_options)  # what bounds cannot say: options against z_dim
     if model.init_output_bias:
         _check_output_bias(model, networks, likelihood)
     # Pyro's Bernoulli only accepts 0/1 observations, and the torchvision datasets are grey:

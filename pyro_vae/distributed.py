@@ -160,8 +160,8 @@ class SharedNoise(Messenger):
     process's ``z``. Drawing the whole batch's noise costs each rank
     ``batch_size * z_dim`` normal draws a step, nothing next to the networks.
 
-    ``sites``: one site's name, or several: each draws its whole batch's noise when the guide
-    reaches it, as a single process does.
+    ``sites``: one site's name, or several (the layers of a hierarchical VAE): each draws its
+    whole batch's noise in the order the guide reaches it, as a single process does.
 
     Only the guide's draw is replaced: the model's latent site is replayed from the guide.
     Each site must be a (possibly independent-wrapped) Normal inside the data plate, the
@@ -202,18 +202,22 @@ class ELBOLoss(nn.Module):
     """The negative ELBO of a batch as a module, so ``DistributedDataParallel`` can wrap it.
 
     ``forward(x, **kwargs)`` is ``estimator.differentiable_loss(vae.model_body,
-    vae.guide_body, x, **kwargs)``. With ``shard=(begin, end, total)``, ``x`` is the items
-    ``[begin, end)`` of a batch of ``total`` and the draws of ``vae.latent_sites`` are their
-    rows of the whole batch's noise (:class:`SharedNoise`), as every loss module of
-    :func:`pyro_vae.fit` takes its rank's part of a batch.
+    vae.guide_body, x, **options, **kwargs)``: ``options`` are keyword arguments of both
+    programs fixed for the run (a hierarchical VAE's ``layer_betas``). With ``shard=(begin,
+    end, total)``, ``x`` is the items ``[begin, end)`` of a batch of ``total`` and the draws of
+    ``vae.latent_sites`` are their rows of the whole batch's noise (:class:`SharedNoise`), as
+    every loss module of :func:`pyro_vae.fit` takes its rank's part of a batch.
     """
 
-    def __init__(self, vae: nn.Module, estimator):
+    def __init__(self, vae: nn.Module, estimator, **options):
         super().__init__()
         self.vae = vae
         self.estimator = estimator
+        self.options = options
 
     def forward(self, x: torch.Tensor, shard: tuple[int, int, int] | None = None, **kwargs) -> torch.Tensor:
+        if self.options:
+            kwargs = {**self.options, **kwargs}
         with shared_noise(self.vae.latent_sites, shard):
             return self.estimator.differentiable_loss(self.vae.model_body, self.vae.guide_body, x, **kwargs)
 

@@ -53,6 +53,7 @@ from .contract import ConfigError, DataError
 from .distributed import ELBOLoss, shared_noise
 from .elbo import make_elbo
 from .guides import representative_code
+from .hierarchical import HierarchicalVAE, build_hierarchical_vae, layer_betas
 from .model import (LATENT, OBSERVED, PLATE, _build_guide, _default_name, build_vae, check_model_fits, latent_weight,
                     site_weight)
 from .likelihoods import make_likelihood
@@ -384,7 +385,10 @@ class LabelledVAE(nn.Module):
 
 def build_model(model_config, image_shape, num_classes: int = 0, name: str | None = None) -> nn.Module:
     """The model ``model_config`` describes: a :class:`~pyro_vae.model.VAE` for ``model.labels
-    = "none"``, else a :class:`LabelledVAE` over ``num_classes`` classes."""
+    = "none"``, a :class:`~pyro_vae.hierarchical.HierarchicalVAE` where ``model.z_dims`` has
+    two or more layers, else a :class:`LabelledVAE` over ``num_classes`` classes."""
+    if model_config.z_dims:  # validation refuses layers with labels
+        return build_hierarchical_vae(model_config, image_shape, name=name)
     if model_config.labels == "none":
         return build_vae(model_config, image_shape, name=name)
     return build_labelled_vae(model_config, image_shape, num_classes, name=name)
@@ -542,9 +546,12 @@ class _Part:
 
 def make_training_loss(vae: nn.Module, objective) -> nn.Module:
     """The loss module :func:`pyro_vae.fit` steps: :class:`~pyro_vae.distributed.ELBOLoss` for
-    a VAE, :class:`LabelledLoss` for a labelled one (``objective.labels_by``'s estimator for a
+    a VAE (with each layer's KL weight, ``objective.betas``, for a hierarchical one),
+    :class:`LabelledLoss` for a labelled one (``objective.labels_by``'s estimator for a
     semi-supervised one; a conditional one observes every label and takes ``objective.elbo``)."""
     estimator = make_elbo(objective.elbo, objective.num_particles)
+    if isinstance(vae, HierarchicalVAE):
+        return ELBOLoss(vae, estimator, layer_betas=layer_betas(objective, vae.num_layers))
     if not isinstance(vae, LabelledVAE):
         return ELBOLoss(vae, estimator)
     latent = make_label_elbo(objective.labels_by, objective.num_particles) if vae.semi_supervised else estimator

@@ -17,6 +17,10 @@ The parts are the same kinds of modules :class:`~pyro_vae.model.VAE` takes from 
     >>> bool(torch.allclose(estimates.log_likelihood, exact, atol=1e-4))
     True
 
+:func:`two_layer_linear_gaussian` is the same for a :class:`~pyro_vae.hierarchical.HierarchicalVAE`
+of two layers, ``z2 ~ N(0, I)``, ``z1 ~ N(A z2 + a, diag(t^2))``, ``x ~ N(W z1 + b, s^2 I)``,
+whose exact posterior both guides (ladder and bottom-up) can express.
+
 References:
     Tipping & Bishop (1999), Probabilistic Principal Component Analysis.
     Bishop (2006), Pattern Recognition and Machine Learning, chapter 12.2.
@@ -28,6 +32,8 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from .guides import DiagonalGaussian
+from .hierarchical import HierarchicalVAE
 from .likelihoods import IMAGE_EVENT_DIM
 from .model import VAE
 from .priors import StandardNormal
@@ -104,6 +110,91 @@ def linear_gaussian(diagonal_posterior: bool = True, num_images: int = 50, shift
     encoder = PosteriorEncoder(W, b, NOISE, shift=shift, inflate=inflate)
     vae = VAE(encoder, LinearDecoder(W, b, SHAPE), GaussianPixels(NOISE), StandardNormal(Z_DIM))
     marginal = dist.MultivariateNormal(b, W @ W.T + NOISE**2 * torch.eye(X_DIM))
+    with seeded(1):
+        x = marginal.sample((num_images,)).reshape(num_images, *SHAPE)
+    return vae, x, marginal.log_prob(x.flatten(1))
+
+
+#: The two-layer problem's p(z1|z2) = N(diag(A) z2 + a, diag(t^2)), on top of the default W, b, s.
+LAYER_GAIN, LAYER_SHIFT, LAYER_NOISE = (1.5, 0.7), (0.3, -0.5), (0.6, 0.8)
+
+
+class LinearLayer(nn.Module):
+    """``(loc, scale)`` of p(z1|z2): ``gain * z2 + shift`` and a fixed ``noise`` (diagonal ``A``)."""
+
+    def __init__(self, gain: torch.Tensor, shift: torch.Tensor, noise: torch.Tensor):
+        super().__init__()
+        self.gain, self.shift, self.noise = gain, shift, noise
+
+    def forward(self, z2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gain * z2 + self.shift, self.noise.expand_as(z2)
+
+
+class _Affine(nn.Module):
+    """``(loc, scale)`` as ``weight * (h[..., :d] - offset) + loc_shift`` and a fixed scale: the
+    exact guides' maps, whose inputs are ``z1`` or ``[m1, log s1]`` (only ``m1`` is read)."""
+
+    def __init__(self, weight, offset, loc_shift, scale):
+        super().__init__()
+        self.weight, self.offset, self.loc_shift, self.scale = weight, offset, loc_shift, scale
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loc = self.weight * (h[..., : len(self.weight)] - self.offset) + self.loc_shift
+        return loc, self.scale.expand_as(loc)
+
+
+class _PixelsToLayer(nn.Module):
+    """x to ``(weight * (W^T (x - b)) + loc_shift, scale)``: the encoders of the exact guides."""
+
+    def __init__(self, W, b, weight, loc_shift, scale):
+        super().__init__()
+        self.W, self.b, self.weight, self.loc_shift, self.scale = W, b, weight, loc_shift, scale
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loc = self.weight * ((x.flatten(1) - self.b) @ self.W) + self.loc_shift
+        return loc, self.scale.expand_as(loc)
+
+
+def two_layer_linear_gaussian(inference: str = "ladder", num_images: int = 50, shift: float = 0.0,
+                              inflate: float = 1.0) -> tuple[HierarchicalVAE, torch.Tensor, torch.Tensor]:
+    """A two-layer linear-Gaussian :class:`~pyro_vae.hierarchical.HierarchicalVAE`, data drawn
+    from it, and the exact log-likelihood of each image (module docstring).
+
+    ``W`` has orthogonal columns (``W^T W = D = diag(4, 1)``) and ``A``, ``t`` are diagonal, so
+    every posterior is diagonal and the guide (``"ladder"`` or ``"bottom_up"``) is exact:
+    bottom-up, q(z1|x) = p(z1|x) and q(z2|z1) = p(z2|z1) (x is independent of z2 given z1);
+    the ladder's estimate of z1 from x is the likelihood's ``N(D^-1 W^T (x - b), s^2 D^-1)``,
+    q(z2|x) = p(z2|x), and its precision-weighted q(z1|z2,x) is p(z1|z2,x). ``shift`` moves the
+    first layer the guide draws (z1 bottom-up, z2 for the ladder) and ``inflate`` multiplies
+    its scale: a lower bound with a gap. Seeded; the global random state is left as it was.
+
+    :returns: ``(vae, x, log_px)``, ``x`` ``(num_images, 1, 2, 3)``, ``log_px`` ``(num_images,)``.
+    """
+    g = torch.Generator().manual_seed(0)
+    W = torch.linalg.qr(torch.randn(X_DIM, Z_DIM, generator=g)).Q * torch.tensor([2.0, 1.0])
+    b = torch.randn(X_DIM, generator=g)
+    gain, offset, noise = (torch.tensor(v) for v in (LAYER_GAIN, LAYER_SHIFT, LAYER_NOISE))
+    precision = (W * W).sum(0)  # diag(D)
+    if inference == "bottom_up":
+        # p(z1|x): prior N(a, diag(gain^2 + noise^2)) times the likelihood
+        prior_var = gain**2 + noise**2
+        var1 = 1 / (1 / prior_var + precision / NOISE**2)
+        encoder = _PixelsToLayer(W, b, var1 / NOISE**2, var1 * offset / prior_var + shift, var1.sqrt() * inflate)
+        # p(z2|z1): precision 1 + gain^2 / noise^2, mean gain (z1 - a) / noise^2 / precision
+        var2 = 1 / (1 + gain**2 / noise**2)
+        up = _Affine(var2 * gain / noise**2, offset, torch.zeros(2), var2.sqrt())
+    else:
+        # the estimate of z1 from x alone: the likelihood as a Gaussian in z1
+        encoder = _PixelsToLayer(W, b, 1 / precision, torch.zeros(2), NOISE / precision.sqrt())
+        # p(z2|x) through m1 | z2 ~ N(gain z2 + a, noise^2 + s^2 / D)
+        spread = noise**2 + NOISE**2 / precision
+        var2 = 1 / (1 + gain**2 / spread)
+        up = _Affine(var2 * gain / spread, offset, torch.full((2,), shift), var2.sqrt() * inflate)
+    vae = HierarchicalVAE(encoder, LinearDecoder(W, b, SHAPE), GaussianPixels(NOISE), StandardNormal(Z_DIM),
+                          [LinearLayer(gain, offset, noise)], [up], [DiagonalGaussian(), DiagonalGaussian()],
+                          z_dims=[Z_DIM, Z_DIM], inference=inference)
+    covariance = W @ torch.diag(gain**2 + noise**2) @ W.T + NOISE**2 * torch.eye(X_DIM)
+    marginal = dist.MultivariateNormal(W @ offset + b, covariance)
     with seeded(1):
         x = marginal.sample((num_images,)).reshape(num_images, *SHAPE)
     return vae, x, marginal.log_prob(x.flatten(1))

@@ -87,10 +87,18 @@ def validation_terms(vae, images: torch.Tensor, seed: int, device: torch.device 
     means = []
     # a labelled VAE's q(z|x,y) and p(x|z,y) are taken at each datum's most probable class
     predict = getattr(vae, "predict", None)
+    # a model with several latent layers gives its own terms (the KL summed over them)
+    own_terms = getattr(vae, "elbo_terms", None)
     with seeded(seed, device):
         prior = vae.prior()
         for start in range(0, len(images), VALIDATION_BATCH):
             x = images[start : start + VALIDATION_BATCH].to(device)
+            if own_terms is not None:
+                log_px_z, kl_terms, code = own_terms(x)
+                reconstruction += log_px_z.sum().item()
+                kl += kl_terms.sum().item()
+                means.append(code)
+                continue
             label = () if predict is None else (predict(x),)
             q = vae.encode(x, *label)
             z = q.sample()

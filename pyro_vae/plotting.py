@@ -15,6 +15,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from .elbo import IWAE_BOUNDS, kl_per_dimension
+from .hierarchical import HierarchicalVAE
 from .labelled import ClassPrior, LabelledVAE
 from .seeding import seeded
 
@@ -410,6 +411,10 @@ def make_figures(vae, images: torch.Tensor, labels: torch.Tensor | None, history
     ``(N, D)``, on ``vae``'s device; ``labels`` ``(N,)`` colour the latent space (``None``:
     no labels). ``embedding`` (:func:`embed_latents`) draws a latent space of more than two
     dimensions; ``traversal_dims``: the rows of the traversal figure (the most informative).
+    For a :class:`~pyro_vae.hierarchical.HierarchicalVAE` the latent space is the top layer's,
+    and the layer figures (images, :func:`plot_layer_reconstructions` and
+    :func:`plot_layer_samples`) take the place of the manifold and the traversals, which
+    decode one z.
     ``objective`` names the training curve (:func:`plot_training_curves`); by default that of
     ``vae.config`` where the VAE has one (:func:`~pyro_vae.checkpoint.load_run` sets it; after
     :func:`~pyro_vae.train.fit`, pass ``objective=result.config.objective``).
@@ -430,18 +435,25 @@ def make_figures(vae, images: torch.Tensor, labels: torch.Tensor | None, history
             "reconstructions": plot_reconstructions(images[:12], vae.reconstruct(images[:12])),
             "samples": plot_image_grid(samples, "samples: mean of p(x|z), z ~ p(z)"),
         }
+    layered = isinstance(vae, HierarchicalVAE)
     z_loc = torch.cat([vae.code(images[i : i + 1000]) for i in range(0, min(len(images), LATENT_POINTS), 1000)])
     shown = None if labels is None else labels[: len(z_loc)]
+    means = f"top layer z{vae.num_layers} codes" if layered else "latent means E[z|x]"
     if z_loc.shape[1] == 2:
-        figures["latent_space"] = plot_latent_scatter(z_loc, shown, "latent means E[z|x] of test images")
-        if images.dim() > 2:  # a grid of decoded images
+        figures["latent_space"] = plot_latent_scatter(z_loc, shown, f"{means} of test images")
+        if images.dim() > 2 and not layered:  # a grid of decoded images
             figures["manifold"] = plot_manifold(vae)
     else:
         embedded = z_loc[:2000] if embedding == "tsne" else z_loc  # t-SNE grows faster than linearly
         projected, what, axes = embed_latents(embedded, embedding, seed)
         figures["latent_space"] = plot_latent_scatter(
-            projected, None if shown is None else shown[: len(projected)], f"latent means E[z|x], {what}", axes)
-    if images.dim() > 2:
+            projected, None if shown is None else shown[: len(projected)], f"{means}, {what}", axes)
+    if images.dim() > 2 and layered:
+        figures["layer_reconstructions"] = plot_layer_reconstructions(
+            images[:12], [vae.reconstruct_from(images[:12], layer) for layer in range(vae.num_layers)])
+        with seeded(seed, images.device):
+            figures["layer_samples"] = plot_layer_samples(vae.vary_each_layer(LAYER_SAMPLE_COLUMNS))
+    elif images.dim() > 2:
         order, scores, what = informative_dimensions(vae, images[:1000])
         figures["latent_traversals"] = plot_latent_traversals(vae, images[0], order[:traversal_dims], scores, what)
     if isinstance(vae, LabelledVAE):
@@ -464,6 +476,37 @@ def _class_figures(vae, images: torch.Tensor, labels: torch.Tensor | None, seed:
         predicted = predict_classes(vae, images[known.to(images.device)], seed)
         figures["confusion_matrix"] = plot_confusion_matrix(predicted, labels[known], vae.num_classes)
     return figures
+
+
+#: Draws of the varied layer in each row of :func:`plot_layer_samples`.
+LAYER_SAMPLE_COLUMNS = 10
+
+
+def plot_layer_reconstructions(inputs: torch.Tensor, reconstructions: list[torch.Tensor]) -> Figure:
+    """Inputs (top row) above their reconstructions through each layer of a hierarchical VAE:
+    row ``l`` encodes up to layer ``l`` and decodes down by the model's means
+    (:meth:`~pyro_vae.hierarchical.HierarchicalVAE.reconstruct_from`), so it shows what that
+    layer alone keeps of the input. Images ``(N, C, H, W)``; ``reconstructions`` bottom first."""
+    n = len(inputs)
+    rows = [("inputs", inputs)] + [(f"through z{layer + 1}", images) for layer, images in enumerate(reconstructions)]
+    fig = Figure(figsize=(n * 0.8 + 1.2, len(rows) * 0.9 + 0.6), layout="constrained")
+    ax = fig.add_subplot()
+    _show(ax, tile_images(torch.cat([images for _, images in rows]), n),
+          "reconstructions through each layer: encode to z_l, decode down by the means of p(z_{l-1}|z_l)")
+    _label_rows(ax, [name for name, _ in rows], inputs.shape[-2] + 1)
+    return fig
+
+
+def plot_layer_samples(rows: torch.Tensor) -> Figure:
+    """Samples of a hierarchical VAE varying one layer at a time: ``rows`` ``(L, N, C, H, W)``
+    from :meth:`~pyro_vae.hierarchical.HierarchicalVAE.vary_each_layer`, row ``l`` drawing
+    layer ``l`` afresh in each column while every other layer keeps one draw (its noise)."""
+    num_layers, num_columns = rows.shape[:2]
+    fig = Figure(figsize=(num_columns * 0.8 + 1.6, num_layers * 0.9 + 0.6), layout="constrained")
+    ax = fig.add_subplot()
+    _show(ax, tile_images(rows.flatten(0, 1), num_columns), "samples varying one layer (others fixed)")
+    _label_rows(ax, [f"z{layer + 1} varies" for layer in range(num_layers)], rows.shape[-2] + 1)
+    return fig
 
 
 @torch.no_grad()

@@ -602,10 +602,12 @@ def _parameters_finite(vae: VAE) -> bool:
 
 
 def _may_mask(config: Config) -> bool:
-    """Whether some step may leave parameters without a gradient: a masked site, or a
-    semi-supervised model's score-function baseline, which only that way of handling y trains."""
+    """Whether some step may leave parameters without a gradient: a masked site (a layer's
+    weight of 0 too), or a semi-supervised model's score-function baseline, which only that way
+    of handling y trains."""
     objective = config.objective
     return (objective.reconstruction_weight == 0 or objective.beta == 0 or objective.beta_schedule != "constant"
+            or 0 in objective.betas
             or (config.model.labels == "semi_supervised" and objective.labels_by != "score_function"))
 
 

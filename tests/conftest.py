@@ -149,9 +149,10 @@ def restore_registries():
 
 @pytest.fixture
 def assert_shards_add_up():
-    """What DDP relies on, as a check: ``check(vae, x, estimator, particles, grad_atol)`` splits
-    the batch ``x`` into 3 shards whose latent draws come from ``SharedNoise`` (as the ranks'
-    would), and asserts that their losses and gradients add up to the whole batch's."""
+    """What DDP relies on, as a check: ``check(vae, x, estimator, particles, grad_atol, **options)``
+    splits the batch ``x`` into 3 shards whose latent draws (of every latent site the VAE names)
+    come from ``SharedNoise`` (as the ranks' would), ``options`` passed to both programs, and
+    asserts that their losses and gradients add up to the whole batch's."""
     import pyro
     import torch
 
@@ -159,8 +160,8 @@ def assert_shards_add_up():
     from pyro_vae.elbo import make_elbo
     from pyro_vae.model import LATENT
 
-    def check(vae, x, estimator: str, particles: int, grad_atol: float = 1e-5) -> None:
-        loss = ELBOLoss(vae, make_elbo(estimator, particles))
+    def check(vae, x, estimator: str, particles: int, grad_atol: float = 1e-5, **options) -> None:
+        loss = ELBOLoss(vae, make_elbo(estimator, particles), **options)
         params = list(vae.parameters())
         pyro.set_rng_seed(5)
         full = loss(x, beta=0.7)
@@ -169,7 +170,7 @@ def assert_shards_add_up():
         for rank in range(3):
             begin, end = shard_bounds(len(x), rank, 3)
             pyro.set_rng_seed(5)
-            with SharedNoise(LATENT, begin, end, len(x)):
+            with SharedNoise(getattr(vae, "latent_sites", LATENT), begin, end, len(x)):
                 part = loss(x[begin:end], beta=0.7)
             total = total + part
             for acc, g in zip(total_grads, torch.autograd.grad(part, params)):

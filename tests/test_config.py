@@ -211,3 +211,13 @@ def test_config_paths_that_are_not_a_readable_toml_file(tmp_path, make, words):
 
 def test_a_set_value_with_a_line_break_is_not_cut_short():
     assert parse_override("model.z_dim=2\nmodel = 3") == ("model.z_dim", "2\nmodel = 3")
+
+
+def test_one_layer_size_is_z_dim_and_layer_keys_round_trip(tmp_path):
+    """model.z_dims of one size is the one-layer model with that z_dim (one description of it);
+    the lists of a hierarchical config survive save and load."""
+    assert load_config(None, {"model.z_dims": [7]}) == load_config(None, {"model.z_dim": 7})
+    config = load_config(None, {"model.z_dims": [64, 32], "objective.betas": [1, 0.5], "model.inference": "bottom_up"})
+    assert config.objective.betas == [1.0, 0.5]
+    save_config(config, tmp_path / "c.toml")
+    assert load_config(tmp_path / "c.toml") == config

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -19,12 +18,13 @@ import torch
 from pyro import poutine
 
 from pyro_vae.checkpoint import load_checkpoint
-from pyro_vae.config import load_config
+from pyro_vae.config import load_config, parse_override
 from pyro_vae.data import load_splits
 from pyro_vae.distributed import SharedNoise, resolve_device, setup, shard_bounds
 from pyro_vae.model import LATENT
 from pyro_vae.train import fit
 
+from launch import TORCHRUN, TORCHRUN_ENV
 from parts import binary_batch, small_vae
 
 TIMEOUT = 180  # seconds for one torchrun launch; a hang fails the test instead of CI
@@ -130,11 +130,6 @@ def _cli_args(overrides):
     return args
 
 
-#: torchrun with two processes of one thread each (2 cores), as a command and its environment
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-TORCHRUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
 def _torchrun(*args, cwd, timeout=TIMEOUT):
     started = time.monotonic()
     result = subprocess.run([*TORCHRUN, *args], cwd=cwd, env=TORCHRUN_ENV, capture_output=True, text=True,
@@ -175,6 +170,25 @@ def test_two_processes_take_the_steps_of_one(two_process_run, mnist_subset):
         assert ours["val_elbo"] == pytest.approx(theirs["val_elbo"], abs=2.0)  # different noise per shard
     # only rank 0 wrote the run folder: one metrics line per epoch
     assert len((two_process_run / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+#: A two-layer model with a KL weight per layer and warm-up (the first epoch masks both layers).
+LAYERED = {**OVERRIDES, "model.z_dims": "[8, 4]", "objective.betas": "[1.0, 0.5]", "objective.beta_schedule": "warmup",
+           "objective.beta_epochs": 1, "train.epochs": 2}
+
+
+@pytest.mark.mnist
+@pytest.mark.parametrize("inference", ["ladder", "bottom_up"])
+def test_two_processes_take_the_steps_of_one_for_every_latent_layer(inference, tmp_path, mnist_dir, mnist_subset):
+    """SharedNoise shares the noise of every layer, so a hierarchical model trained by two
+    processes has the weights of one process's run."""
+    overrides = {**LAYERED, "model.inference": inference}
+    result, _ = _torchrun("-m", "pyro_vae", "train", *_cli_args(overrides), "--out", str(tmp_path / "run"), "--quiet",
+                          "--device", "cpu", "--data-dir", str(mnist_dir), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    parsed = dict(parse_override(f"{key}={value}") for key, value in overrides.items())  # as --set reads them
+    single = fit(load_config(None, parsed), mnist_subset, progress=False)
+    _assert_same_parameters(load_checkpoint(tmp_path / "run")["model"], single.vae)
 
 
 @pytest.fixture(scope="module")

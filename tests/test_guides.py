@@ -36,6 +36,7 @@ from pyro_vae.seeding import seeded
 from pyro_vae.train import fit
 
 from helpers import one_line
+from launch import TORCHRUN, TORCHRUN_ENV
 from parts import binary_batch, small_vae
 
 
@@ -473,17 +474,15 @@ def test_shard_losses_of_an_iaf_vae_add_up_to_the_batch_loss_and_gradient(estima
 @pytest.mark.mnist
 def test_two_processes_with_an_iaf_guide_take_the_steps_of_one(tmp_path, mnist_dir):
     """torchrun, two CPU processes (gloo): the flows train data-parallel as in one process."""
-    import os
 
     from pyro_vae.data import load_splits
 
     overrides = {"data.train_limit": 505, "data.val_size": 500, "train.batch_size": 101, "train.epochs": 1,
                  "model.hidden_dim": 32, "model.z_dim": 4, "model.guide": "iaf"}
     args = [a for key, value in overrides.items() for a in ("--set", f"{key}={value}")]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pyro_vae",
-               "train", *args, "--out", str(tmp_path / "run"), "--quiet", "--device", "cpu", "--data-dir", str(mnist_dir)]
+    command = [*TORCHRUN, "-m", "pyro_vae", "train", *args, "--out", str(tmp_path / "run"), "--quiet", "--device", "cpu", "--data-dir", str(mnist_dir)]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=180,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+                          env=TORCHRUN_ENV)
     assert done.returncode == 0, done.stderr[-3000:]
     splits = load_splits("mnist", mnist_dir, val_size=500, train_limit=505)
     single = fit(load_config(None, overrides), splits, progress=False)

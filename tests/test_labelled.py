@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -17,6 +16,7 @@ import pyro
 import pytest
 import torch
 from helpers import one_line
+from launch import TORCHRUN, TORCHRUN_ENV
 from pyro.infer import SVI, TraceEnum_ELBO, Trace_ELBO
 
 from pyro_vae.checkpoint import load_checkpoint, load_run
@@ -411,10 +411,9 @@ def test_two_processes_train_a_semi_supervised_run_as_one_does(tmp_path, mnist_d
                  "model.hidden_dim": 32, "model.z_dim": 4}
     args = [a for key, value in overrides.items() for a in ("--set", f"{key}={value}")]
     run = tmp_path / "run"
-    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               "-m", "pyro_vae", "train", *args, "--out", str(run), "--quiet", "--device", "cpu",
+    launched = subprocess.run([*TORCHRUN, "-m", "pyro_vae", "train", *args, "--out", str(run), "--quiet", "--device", "cpu",
                                "--data-dir", str(mnist_dir)], capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+                              env=TORCHRUN_ENV)
     assert launched.returncode == 0, launched.stderr[-3000:]
     splits = load_splits("mnist", mnist_dir, val_size=200, train_limit=420)
     single = fit(load_config(None, overrides), splits, progress=False)
