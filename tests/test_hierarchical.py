@@ -170,12 +170,13 @@ def test_the_programs_run_in_stock_pyro_svi(inference):
     pyro.clear_param_store()
 
 
-@pytest.mark.parametrize("inference", INFERENCES)
-@pytest.mark.parametrize("estimator, particles", [("mc", 1), ("analytic", 2), ("iwae", 3), ("stl", 2),
-                                                  ("iwae_dreg", 3)])
+# every pair but analytic with the bottom-up guide, which is refused
+# (test_analytic_with_the_bottom_up_guide_is_refused_in_one_line)
+@pytest.mark.parametrize("inference, estimator, particles", [
+    (inference, estimator, particles) for inference in INFERENCES
+    for estimator, particles in [("mc", 1), ("analytic", 2), ("iwae", 3), ("stl", 2), ("iwae_dreg", 3)]
+    if not (estimator == "analytic" and inference == "bottom_up")])
 def test_every_estimator_gives_every_network_a_gradient(inference, estimator, particles):
-    if estimator == "analytic" and inference == "bottom_up":
-        pytest.skip("refused: see test_analytic_with_the_bottom_up_guide_is_refused_in_one_line")
     vae = small_vae(inference)
     loss = make_elbo(estimator, particles).differentiable_loss(vae.model_body, vae.guide_body, binary_images(8))
     loss.backward()
