@@ -183,6 +183,27 @@ def assert_shards_add_up():
 
 
 @pytest.fixture
+def assert_resumes_exactly(tmp_path):
+    """``check(config, splits)``: a run of ``config`` stopped after its first epoch and resumed
+    from its checkpoint ends with the weights and losses of the run made in one go, bit for bit
+    (the same computations, repeated). Returns the run made in one go."""
+    from pyro_vae.checkpoint import load_checkpoint
+    from pyro_vae.train import fit
+
+    def check(config, splits):
+        whole = fit(config, splits, tmp_path / "whole", progress=False)
+        fit(config.replace(**{"train.epochs": 1}), splits, tmp_path / "part", progress=False)
+        resumed = fit(config, splits, tmp_path / "part", checkpoint=load_checkpoint(tmp_path / "part"),
+                      progress=False)
+        for key, value in whole.vae.state_dict().items():
+            assert torch.equal(value, resumed.vae.state_dict()[key]), key
+        assert [r["train_loss"] for r in whole.history] == [r["train_loss"] for r in resumed.history]
+        return whole
+
+    return check
+
+
+@pytest.fixture
 def run_cli(capsys):
     """``pyro-vae`` in this process: ``run_cli(*argv)`` gives (exit status, stdout, stderr)."""
     from pyro_vae import cli

@@ -253,16 +253,11 @@ def test_the_layer_networks_take_the_units_of_a_gated_architecture():
 # -- training, resume, reload, evaluation ------------------------------------------------------
 
 @pytest.mark.parametrize("inference", INFERENCES)
-def test_a_run_resumes_exactly_and_reloads(inference, tmp_path):
+def test_a_run_resumes_exactly_and_reloads(inference, tmp_path, assert_resumes_exactly):
     splits = small_splits()
     config = small_config(inference, **{"train.epochs": 3, "objective.beta_schedule": "warmup",
                                         "objective.beta_epochs": 2, "objective.betas": [1.0, 0.5]})
-    whole = fit(config, splits, tmp_path / "whole", progress=False)
-    fit(config.replace(**{"train.epochs": 1}), splits, tmp_path / "part", progress=False)
-    resumed = fit(config, splits, tmp_path / "part", checkpoint=load_checkpoint(tmp_path / "part"), progress=False)
-    for key, value in whole.vae.state_dict().items():
-        assert torch.equal(value, resumed.vae.state_dict()[key]), key
-    assert [r["train_loss"] for r in whole.history] == [r["train_loss"] for r in resumed.history]
+    whole = assert_resumes_exactly(config, splits)
     assert all(math.isfinite(r["val_elbo"]) for r in whole.history)
     reloaded = load_run(tmp_path / "whole")
     assert isinstance(reloaded, HierarchicalVAE) and reloaded.inference == inference

@@ -296,15 +296,8 @@ def test_a_semi_supervised_run_learns_to_classify_from_a_few_labels():
     assert all("val_accuracy" in record and math.isfinite(record["val_elbo"]) for record in result.history)
 
 
-def test_a_labelled_run_resumes_exactly(tmp_path):
-    splits = labelled_splits()
-    config = small_config(**{"data.labelled": 6, "train.epochs": 3})
-    whole = fit(config, splits, tmp_path / "whole", progress=False)
-    fit(config.replace(**{"train.epochs": 1}), splits, tmp_path / "part", progress=False)
-    resumed = fit(config, splits, tmp_path / "part", checkpoint=load_checkpoint(tmp_path / "part"), progress=False)
-    for key, value in whole.vae.state_dict().items():
-        assert torch.equal(value, resumed.vae.state_dict()[key]), key
-    assert [r["train_loss"] for r in whole.history] == [r["train_loss"] for r in resumed.history]
+def test_a_labelled_run_resumes_exactly(assert_resumes_exactly):
+    assert_resumes_exactly(small_config(**{"data.labelled": 6, "train.epochs": 3}), labelled_splits())
 
 
 def test_a_semi_supervised_run_with_a_class_prior_trains_and_evaluates():
