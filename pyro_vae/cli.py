@@ -554,7 +554,8 @@ def _evaluated_how(config, args, seconds: float) -> dict:
         "dataset": config.data.dataset,
         "likelihood": config.model.likelihood,
         "likelihood_options": config.model.likelihood_options,
-        "prior": config.model.prior,
+        # a class prior replaces model.prior (validation keeps that at its default)
+        "prior": "class_prior: a learned Gaussian p(z|y) per class" if config.model.class_prior else config.model.prior,
         "data_protocol": protocol,
         "seconds": seconds,
         "seed": args.seed,

@@ -430,7 +430,7 @@ def test_train_and_evaluate_a_semi_supervised_run_on_mnist(tmp_path, mnist_dir):
     """The command line: train with 20 labels on 600 images, then evaluate reports accuracy."""
     overrides = {"model.labels": "semi_supervised", "data.labelled": 20, "data.train_limit": 600, "data.val_size": 500,
                  "train.epochs": 1, "train.batch_size": 100, "train.labelled_per_batch": 10, "model.hidden_dim": 32,
-                 "model.z_dim": 4}
+                 "model.z_dim": 4, "model.class_prior": "true"}
     args = [a for key, value in overrides.items() for a in ("--set", f"{key}={value}")]
     run = tmp_path / "run"
     common = ["--data-dir", str(mnist_dir)]
@@ -443,6 +443,7 @@ def test_train_and_evaluate_a_semi_supervised_run_on_mnist(tmp_path, mnist_dir):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert 0.0 <= result["test_accuracy"] <= 1.0 and result["num_images"] == 200
     assert math.isfinite(result["test_log_likelihood"]) and result["test_log_likelihood"] < 0
+    assert result["prior"].startswith("class_prior")  # not model.prior's default, which the class prior replaced
     compared = subprocess.run([sys.executable, "-m", "pyro_vae", "compare-elbo", str(run), "--limit", "40", "--repeats",
                                "2", "--grad-samples", "2", *common], capture_output=True, text=True, timeout=300)
     assert compared.returncode == 0, compared.stderr[-2000:]
