@@ -4,9 +4,9 @@
 
 Names select notebooks by prefix (``01``, ``03_analytic``); none means all of them. The kernel
 runs in the repository root, so runs go to ``runs/notebooks/<notebook>/``, and reads MNIST from
-``$PYRO_VAE_DATA``. The full setting is the default (about 58 minutes for 01 to 06 on a 2-core
-CPU, the sum of the times those notebooks saved; 07 has not saved a full run yet: run it on a
-quiet machine, as each notebook saves its own wall-clock time);
+``$PYRO_VAE_DATA``. The full setting is the default (about 83 minutes for all seven on a 2-core
+CPU, the sum of the times the notebooks saved; run them on a quiet machine, as each notebook
+saves its own wall-clock time);
 ``--smoke`` sets ``PYRO_VAE_SMOKE=1`` for the small setting the tests use, in about a minute.
 After a full run, the first figure of each notebook's cell tagged ``readme-figure`` is written to
 ``docs/figures/notebook_<name>.png``, for the README. A notebook with a failing cell is not
