@@ -1,6 +1,8 @@
-"""The training recipe one ingredient at a time: ``configs/mnist_long.toml`` (the package's best
-measured config) as it ships and with one ingredient of issue #12 added per row, every row
-trained for the same wall-clock time.
+"""The training recipe one ingredient at a time, every row trained for the same wall-clock time.
+
+Two tables (``--base``): ``long``, ``configs/mnist_long.toml`` as it ships and with one
+ingredient of issue #12 added per row; and ``hierarchical``, ``configs/mnist_hierarchical.toml``
+as it ships and with one of its ingredients removed (or swapped) per row, issue #26's ablation.
 
 The package trains for a number of epochs (the learning-rate schedule spans them), so "the same
 time" is set by epochs: each row first times a few hundred training images in its own setting
@@ -10,9 +12,10 @@ ran longer or shorter than the budget shows it. Each trained model is evaluated 
 images (binarized once, as ``pyro-vae evaluate`` does) with K importance samples.
 
     python benchmarks/recipe.py --data-dir ../shared/data --minutes 60 --num-samples 5000
+    python benchmarks/recipe.py --base hierarchical --data-dir ../shared/data --out runs/ablation
 
-A full table is ``--minutes`` times the number of rows plus the evaluations: about 9 hours at
-the defaults on a 2-core CPU. ``--rows`` picks some rows (by key); finished rows are reused
+A full table is ``--minutes`` times the number of rows plus the evaluations: about 9 hours for
+``long`` at the defaults on a 2-core CPU. ``--rows`` picks some rows (by key); finished rows are reused
 (``OUT/ROW/recipe.json``) and an interrupted row continues from its checkpoint. Run it on an
 otherwise idle machine: the budget is wall-clock time.
 """
@@ -31,10 +34,9 @@ import pyro_vae
 from pyro_vae.data import prepare
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-BASE = CONFIGS / "mnist_long.toml"
 
 #: key -> (what the row changes, overrides of mnist_long.toml)
-ROWS = {
+LONG_ROWS = {
     "long": ("configs/mnist_long.toml as shipped", {}),
     "59k_images": ("+ 59,000 training images (1,000 held out)", {"data.val_size": 1_000}),
     "bias_init": ("+ output bias at the logit of the mean pixel", {"model.init_output_bias": True}),
@@ -43,6 +45,24 @@ ROWS = {
     "iwae_dreg5": ("+ iwae_dreg, K = 5", {"objective.elbo": "iwae_dreg", "objective.num_particles": 5}),
     "iaf": ("+ IAF guide, 2 flows", {"model.guide": "iaf", "model.guide_options": {"num_flows": 2}}),
     "gated": ("+ gated MLP units", {"model.arch": "gated_mlp"}),
+}
+
+#: key -> (what the row changes, overrides of mnist_hierarchical.toml)
+HIERARCHICAL_ROWS = {
+    "hierarchical": ("configs/mnist_hierarchical.toml as shipped", {}),
+    # the recipe less its top layer; a one-layer model has no inference order or layer networks
+    "one_layer": ("- the top layer (one latent layer, z1's 64)",
+                  {"model.z_dims": [64], "model.inference": "ladder", "model.layer_hidden_dim": 0}),
+    "ladder": ("the ladder guide instead of bottom-up", {"model.inference": "ladder"}),
+    "no_warmup": ("- the KL warm-up (beta = 1 from the first step)", {"objective.beta_schedule": "constant"}),
+    "constant_lr": ("- the cosine learning-rate decay", {"train.lr_schedule": "constant"}),
+    "no_bias_init": ("- the output bias at the logit of the mean pixel", {"model.init_output_bias": False}),
+}
+
+#: --base -> (the config every row changes, its rows; the first row is the config as shipped)
+BASES = {
+    "long": (CONFIGS / "mnist_long.toml", LONG_ROWS),
+    "hierarchical": (CONFIGS / "mnist_hierarchical.toml", HIERARCHICAL_ROWS),
 }
 
 
@@ -58,14 +78,15 @@ def epochs_for(config, splits, minutes: float, calibration_batches: int) -> tupl
     return max(1, math.floor(minutes * 60 / per_epoch)), per_epoch
 
 
-def run_row(key: str, out: Path, splits_for, minutes: float, num_samples: int, test_images: int,
+def run_row(base: str, key: str, out: Path, splits_for, minutes: float, num_samples: int, test_images: int,
             calibration_batches: int) -> dict:
     row_dir = out / key
     result_path = row_dir / "recipe.json"
     if result_path.exists():
         return json.loads(result_path.read_text())
-    change, overrides = ROWS[key]
-    config = pyro_vae.load_config(BASE, overrides)
+    path, rows = BASES[base]
+    change, overrides = rows[key]
+    config = pyro_vae.load_config(path, overrides)
     splits = splits_for(config)
     run_dir = row_dir / "run"
     if (run_dir / "checkpoint.pt").exists():  # an interrupted row continues with its epochs
@@ -101,9 +122,16 @@ def main(argv=None) -> None:
     parser.add_argument("--num-samples", type=int, default=5000, help="K of the evaluation (default 5000)")
     parser.add_argument("--test-images", type=int, default=0, help="first N test images (default 0: all 10,000)")
     parser.add_argument("--calibration-batches", type=int, default=40, help="batches timed per row (default 40)")
-    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="rows to run (default all)")
+    parser.add_argument("--base", choices=list(BASES), default="long",
+                        help="long: ingredients added to mnist_long; hierarchical: removed from mnist_hierarchical")
+    parser.add_argument("--rows", nargs="+", default=None, help="rows to run, by key (default all of the base's)")
     parser.add_argument("--out", default="runs/recipe")
     args = parser.parse_args(argv)
+    rows = BASES[args.base][1]
+    keys = args.rows or list(rows)
+    unknown = [key for key in keys if key not in rows]
+    if unknown:
+        parser.error(f"--rows {' '.join(unknown)}: the rows of --base {args.base} are {', '.join(rows)}")
 
     loaded = {}
 
@@ -113,8 +141,8 @@ def main(argv=None) -> None:
             loaded[key] = pyro_vae.load_splits(config.data.dataset, args.data_dir, val_size=config.data.val_size)
         return loaded[key]
 
-    results = [run_row(key, Path(args.out), splits_for, args.minutes, args.num_samples, args.test_images,
-                       args.calibration_batches) for key in args.rows]
+    results = [run_row(args.base, key, Path(args.out), splits_for, args.minutes, args.num_samples, args.test_images,
+                       args.calibration_batches) for key in keys]
     reference = results[0]["test_log_likelihood"]
     k = args.num_samples
     print(f"\n| row | epochs | training minutes | test ELBO | test log-likelihood (K = {k}) | vs first row |")
