@@ -61,9 +61,10 @@ from .networks import make_networks
 from .priors import make_prior
 from .seeding import probing, seeded
 
-__all__ = ["LABEL", "LABEL_MODES", "LABELS_BY", "ClassPrior", "ExpRelaxedCategorical", "LabelHead", "LabelledLoss", "LabelledVAE",
-           "ScoreFunctionELBO", "accuracy", "build_labelled_vae", "build_model", "check_labelled_shapes",
-           "choose_labelled", "class_log_likelihoods", "evaluate_labelled", "labelled_epoch_items", "labelled_order", "make_label_elbo",
+__all__ = ["LABEL", "LABEL_MODES", "LABELS_BY", "ClassPrior", "ExpRelaxedCategorical", "LabelHead",
+           "LabelledLoss", "LabelledVAE", "ScoreFunctionELBO", "accuracy", "build_labelled_vae",
+           "build_model", "check_labelled_shapes", "check_labels", "choose_labelled", "class_log_likelihoods",
+           "evaluate_labelled", "labelled_epoch_items", "labelled_order", "make_label_elbo",
            "make_training_loss", "num_classes_of", "one_hot", "training_labels"]
 
 #: The label's sample site.
@@ -570,24 +571,51 @@ def num_classes_of(splits) -> int:
     return max(found) + 1 if found else 0
 
 
-def training_labels(config, splits) -> tuple[torch.Tensor | None, int]:
-    """A labelled run's training labels and number of classes: the labels of the training
-    items that ``config.data.labelled`` keeps (:func:`choose_labelled`), ``-1`` for the others;
-    ``(None, 0)`` for a run without labels.
+def check_labels(config, splits) -> None:
+    """Refuse (one line) labels a labelled run cannot train on: data without labels, labels
+    outside ``0..C-1`` (a negative one would pass for "unlabelled", which ``data.labelled``
+    decides), and a ``data.labelled`` above the training items or below one per class. Nothing
+    for a run without labels. Cheap: the CLI calls it before anything is built.
 
-    :raises DataError: the data has no labels.
+    :raises DataError: the data has no labels, or labels outside the classes.
+    :raises ConfigError: ``data.labelled`` does not fit the training items.
     """
     if config.model.labels == "none":
-        return None, 0
+        return
     train = splits.train.head(config.data.train_limit) if config.data.train_limit else splits.train
     if train.labels is None:
         raise DataError(f"model.labels = {config.model.labels!r} needs labelled data; this data has none (an image "
                         "folder's class folders, or 'labels' / 'y' beside the images in an .npz, give them)")
     num_classes = num_classes_of(splits)
+    for name, part in (("training", splits.train), ("validation", splits.val), ("test", splits.test)):
+        if part.labels is not None and len(part.labels):
+            low, high = int(part.labels.min()), int(part.labels.max())
+            if low < 0 or high >= num_classes:
+                raise DataError(f"the {name} labels run from {low} to {high}: class indices must lie in 0.."
+                                f"{num_classes - 1}; to leave items unlabelled, set data.labelled instead")
+    labelled = config.data.labelled
+    if labelled > len(train.labels):
+        raise ConfigError(f"data.labelled = {labelled}: more than the {len(train.labels)} training items")
+    if 0 < labelled < num_classes:
+        raise ConfigError(f"data.labelled = {labelled}: fewer than one per class ({num_classes} classes); give at "
+                          f"least {num_classes}, or 0 to keep every label")
+
+
+def training_labels(config, splits) -> tuple[torch.Tensor | None, int]:
+    """A labelled run's training labels and number of classes: the labels of the training
+    items that ``config.data.labelled`` keeps (:func:`choose_labelled`), ``-1`` for the others;
+    ``(None, 0)`` for a run without labels.
+
+    :raises DataError: as :func:`check_labels`, which this calls first.
+    :raises ConfigError: as :func:`check_labels`, or a class has fewer items than its share.
+    """
+    if config.model.labels == "none":
+        return None, 0
+    check_labels(config, splits)
+    train = splits.train.head(config.data.train_limit) if config.data.train_limit else splits.train
+    num_classes = num_classes_of(splits)
     labels = train.labels.clone()
     if config.data.labelled:
-        if config.data.labelled > len(labels):
-            raise ConfigError(f"data.labelled = {config.data.labelled}: more than the {len(labels)} training items")
         kept = choose_labelled(labels, config.data.labelled, num_classes, config.data.split_seed)
         hidden = torch.ones(len(labels), dtype=torch.bool)
         hidden[kept] = False

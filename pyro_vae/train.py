@@ -39,8 +39,8 @@ from .config import Config, from_dict
 from .data import ImageData, Splits, binarize_once, check_likelihood_range, check_shift, iterate_batches, prepare
 from .distributed import Runtime, all_reduce_sum, current_runtime, data_parallel, local_part, shard_bounds
 from .elbo import mean_elbo
-from .labelled import (LabelledVAE, accuracy, build_model, labelled_epoch_items, labelled_order, make_training_loss,
-                       training_labels)
+from .labelled import (LabelledVAE, accuracy, build_model, check_labels, labelled_epoch_items, labelled_order,
+                       make_training_loss, training_labels)
 from .likelihoods import LIKELIHOODS
 from .model import VAE, init_output_bias
 from .monitor import Monitor
@@ -573,10 +573,12 @@ def _diverged(error: _NonFinite, epoch: int, config: Config, folder: RunFolder) 
     )
 
 def check_data(config: Config, splits: Splits, likelihood=None) -> None:
-    """Refuse (:class:`~pyro_vae.data.DataError`, one line), before anything trains, training
-    data outside what the likelihood is defined on. ``likelihood``: the VAE's head; by default
-    the one ``config.model`` names. A head of one's own without ``accepts`` is taken at its word.
+    """Refuse (:class:`~pyro_vae.data.DataError`, one line), before anything trains, labels a
+    labelled run cannot use (:func:`~pyro_vae.labelled.check_labels`) and training data outside
+    what the likelihood is defined on. ``likelihood``: the VAE's head; by default the one
+    ``config.model`` names. A head of one's own without ``accepts`` is taken at its word.
     """
+    check_labels(config, splits)
     named = LIKELIHOODS.get(config.model.likelihood)
     cls = named if likelihood is None else type(likelihood)
     name = config.model.likelihood if cls is named else cls.__name__

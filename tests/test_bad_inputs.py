@@ -123,6 +123,17 @@ REFUSED = {
     "augment-shift-vectors": (TRAIN + ["--data", "{vectors_npy}", "--set", "data.binarize=none", "--likelihood",
                                        "gaussian", "--set", "data.augment_shift=1"], ["data.augment_shift = 1", "vectors"]),
     "data-labels-wrong-length": (TRAIN + ["--data", "{labels_npz}"], ["labels.npz", "labels of shape (3,) for 4"]),
+    # labelled runs on data of one's own: the labels checked before anything is built
+    "labels-on-data-without-labels": (TRAIN + ["--data", "{unlabelled_npy}", "--set", "model.labels=conditional"],
+                                      ["model.labels = 'conditional'", "needs labelled data", "has none"]),
+    "labels-negative": (TRAIN + ["--data", "{negative_labels_npz}", "--set", "model.labels=conditional"],
+                        ["labels run from -1 to 9", "0..9", "data.labelled"]),
+    "labelled-below-one-per-class": (TRAIN + ["--data", "{ten_classes_npz}", "--set", "model.labels=semi_supervised",
+                                              "--set", "data.labelled=5"],
+                                     ["data.labelled = 5", "fewer than one per class", "10 classes"]),
+    "labelled-above-the-training-items": (TRAIN + ["--data", "{ten_classes_npz}", "--set",
+                                                   "model.labels=semi_supervised", "--set", "data.labelled=500"],
+                                          ["data.labelled = 500", "more than the 32 training items"]),
     "data-test-fraction-zero": (TRAIN + ["--data", "{real_npy}", "--set", "data.test_fraction=0"],
                                 ["data.test_fraction", "test split"]),
     "data-train-limit-beyond-array": (TRAIN + ["--data", "{real_npy}", "--set", "data.train_limit=1000"],
@@ -460,6 +471,10 @@ def _bad_data_files(tmp: Path) -> dict[str, str]:
     np.save(tmp / "inf.npy", np.full((4, 3), -np.inf))
     np.save(tmp / "flat.npy", np.zeros(12))
     np.savez(tmp / "labels.npz", images=np.zeros((4, 2, 2)), labels=np.arange(3))
+    images = np.zeros((40, 1, 4, 4), dtype=np.uint8)  # 40 items: 32 train once 10 % each are held out
+    np.save(tmp / "unlabelled.npy", images)
+    np.savez(tmp / "negative_labels.npz", images=images, labels=np.r_[-1, np.arange(1, 40) % 10])
+    np.savez(tmp / "ten_classes.npz", images=images, labels=np.arange(40) % 10)
     np.save(tmp / "real.npy", np.random.default_rng(0).normal(size=(40, 1, 4, 4)).astype(np.float32))
     np.save(tmp / "vectors.npy", np.random.default_rng(0).normal(size=(40, 6)).astype(np.float32))
     np.save(tmp / "truncated.npy", np.zeros((40, 1, 4, 4), dtype=np.uint8))
@@ -467,7 +482,8 @@ def _bad_data_files(tmp: Path) -> dict[str, str]:
         file.truncate((tmp / "truncated.npy").stat().st_size - 100)
     names = {"docs": "docs", "broken_images": "broken_images", "mixed_images": "mixed_images", "nan_npy": "nan.npy",
              "inf_npy": "inf.npy", "flat_npy": "flat.npy", "labels_npz": "labels.npz", "real_npy": "real.npy",
-             "truncated_npy": "truncated.npy", "vectors_npy": "vectors.npy"}
+             "truncated_npy": "truncated.npy", "vectors_npy": "vectors.npy", "unlabelled_npy": "unlabelled.npy",
+             "negative_labels_npz": "negative_labels.npz", "ten_classes_npz": "ten_classes.npz"}
     return {key: str(tmp / name) for key, name in names.items()}
 
 
