@@ -127,7 +127,7 @@ REFUSED = {
     "labels-on-data-without-labels": (TRAIN + ["--data", "{unlabelled_npy}", "--set", "model.labels=conditional"],
                                       ["model.labels = 'conditional'", "needs labelled data", "has none"]),
     "labels-negative": (TRAIN + ["--data", "{negative_labels_npz}", "--set", "model.labels=conditional"],
-                        ["labels run from -1 to 9", "0..9", "data.labelled"]),
+                        ["labels run from -1 to", "0..9", "data.labelled"]),
     "labelled-below-one-per-class": (TRAIN + ["--data", "{ten_classes_npz}", "--set", "model.labels=semi_supervised",
                                               "--set", "data.labelled=5"],
                                      ["data.labelled = 5", "fewer than one per class", "10 classes"]),
