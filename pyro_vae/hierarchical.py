@@ -57,6 +57,7 @@ from .model import OBSERVED, PLATE, _default_name, check_model_fits, latent_weig
 from .networks import _mlp, _positive, make_networks
 from .priors import StandardNormal, make_prior
 from .seeding import probing, seeded
+from .shapes import evaluation_mode
 
 __all__ = ["INFERENCES", "GaussianLayer", "HierarchicalVAE", "LayerEstimates", "LayerTerms", "build_hierarchical_vae",
            "check_hierarchical_shapes", "evaluate_hierarchical", "importance_sampled_layers", "latent_site",
@@ -561,12 +562,12 @@ class _TopEncoder(nn.Module):
 
 def check_hierarchical_shapes(vae: HierarchicalVAE, image_shape, what: str) -> None:
     """Run the model and guide once on two data of zeros: one line naming ``what`` where the
-    parts do not fit together. Changes no weight and no random state."""
+    parts do not fit together. Changes no weight, no batch statistic and no random state."""
     tensors = [t for t in vae.parameters() if t.is_floating_point()]
     like = tensors[0] if tensors else torch.zeros(())
     x = torch.zeros(2, *image_shape, dtype=like.dtype, device=like.device)
     try:
-        with probing(like), torch.no_grad():
+        with evaluation_mode(vae), probing(like), torch.no_grad():
             make_elbo("mc").loss(vae.model_body, vae.guide_body, x)
     except (RuntimeError, ValueError) as error:
         raise ConfigError(f"{what}: the parts do not fit together ({' '.join(str(error).split())[:300]})") from None

@@ -60,6 +60,7 @@ from .likelihoods import make_likelihood
 from .networks import make_networks
 from .priors import make_prior
 from .seeding import probing, seeded
+from .shapes import evaluation_mode
 
 __all__ = ["LABEL", "LABEL_MODES", "LABELS_BY", "ClassPrior", "ExpRelaxedCategorical", "LabelHead",
            "LabelledLoss", "LabelledVAE", "ScoreFunctionELBO", "accuracy", "build_labelled_vae",
@@ -433,12 +434,12 @@ def build_labelled_vae(model_config, image_shape, num_classes: int, name: str | 
 
 def check_labelled_shapes(vae: LabelledVAE, image_shape, what: str) -> None:
     """Run the model and guide once on two items of zeros, labelled and not: one line naming
-    ``what`` where the parts do not fit together. Changes no weight and no random state."""
+    ``what`` where the parts do not fit together. Changes no weight, no batch statistic and no random state."""
     tensors = [t for t in vae.parameters() if t.is_floating_point()]
     like = tensors[0] if tensors else torch.zeros(())
     x = torch.zeros(2, *image_shape, dtype=like.dtype, device=like.device)
     try:
-        with probing(like), torch.no_grad():
+        with evaluation_mode(vae), probing(like), torch.no_grad():
             make_elbo("mc").loss(vae.model_body, vae.guide_body, x,
                                  y=torch.tensor([0, vae.num_classes - 1], device=x.device))
             if vae.semi_supervised:

@@ -6,7 +6,8 @@ datum, whichever it is. An encoder maps data ``(B, *image_shape)`` to the parame
 of shape ``(..., z_dim)`` to features ``(..., *image_shape)`` that a likelihood head turns into
 p(x|z) (for the Bernoulli likelihood they are logits). Sizes come from the data, never from
 literals. The MLP networks take either kind of datum; the conv networks take images of any
-size (at least 4 x 4 pixels) and channel count. ``"gated_mlp"`` is the MLP with gated units.
+size (at least 4 x 4 pixels) and channel count. ``"gated_mlp"`` is the MLP with gated units,
+``"mlp_bn"`` the MLP with batch normalization before each ReLU.
 
 Networks of one's own are added with :func:`pyro_vae.register_networks`, which states the
 contract they must meet.
@@ -49,6 +50,29 @@ class GatedDense(nn.Module):
 
 def _gated_mlp(sizes: list[int]) -> nn.Sequential:
     return nn.Sequential(*[GatedDense(n_in, n_out) for n_in, n_out in zip(sizes[:-1], sizes[1:])])
+
+
+class FeatureBatchNorm(nn.BatchNorm1d):
+    """Batch normalization of the last dimension of ``(..., features)``, every leading dimension
+    (particles, batch) pooled: a decoder sees ``(K, B, z_dim)`` under vectorized particles and
+    ``(B, z_dim)`` otherwise, where ``nn.BatchNorm1d`` would read the second dimension as the
+    features. In training the statistics are the batch's; in eval mode the running ones, so a
+    trained model scores each datum alone."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if self.training and flat.shape[0] < 2:
+            raise ValueError(f"batch normalization needs two or more items a batch to train; got input of shape "
+                             f"{tuple(x.shape)}: use a train.batch_size of 2 or more per process")
+        return super().forward(flat).reshape(x.shape)
+
+
+def _batch_norm_mlp(sizes: list[int]) -> nn.Sequential:
+    # no bias in the linear layer: the normalization's shift takes its place
+    layers: list[nn.Module] = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(n_in, n_out, bias=False), FeatureBatchNorm(n_out), nn.ReLU()]
+    return nn.Sequential(*layers)
 
 
 def _positive(raw: torch.Tensor) -> torch.Tensor:
@@ -115,6 +139,24 @@ class GatedMLPDecoder(MLPDecoder):
     """Mirror of :class:`GatedMLPEncoder`: gated hidden layers, then a linear output layer."""
 
     layers = staticmethod(_gated_mlp)
+
+
+class BatchNormMLPEncoder(MLPEncoder):
+    """:class:`MLPEncoder` with batch normalization before each ReLU (:class:`FeatureBatchNorm`),
+    as in the ladder VAE's MLPs (Sønderby et al. 2016), where it sped up the training of
+    several latent layers. Train mode normalizes by the batch, eval mode by running statistics
+    (:func:`pyro_vae.fit` and :func:`pyro_vae.load_run` return models in eval mode).
+
+    :param image_shape: the shape of one datum: ``(C, H, W)`` or ``(D,)``.
+    """
+
+    layers = staticmethod(_batch_norm_mlp)
+
+
+class BatchNormMLPDecoder(MLPDecoder):
+    """Mirror of :class:`BatchNormMLPEncoder`: normalized hidden layers, then a linear output layer."""
+
+    layers = staticmethod(_batch_norm_mlp)
 
 
 #: Two stride-2 convolutions (kernel 4, padding 1) need at least this many pixels a side.
@@ -194,6 +236,7 @@ class ConvDecoder(nn.Module):
 ARCHITECTURES = {
     "mlp": (MLPEncoder, MLPDecoder),
     "gated_mlp": (GatedMLPEncoder, GatedMLPDecoder),
+    "mlp_bn": (BatchNormMLPEncoder, BatchNormMLPDecoder),
     "conv": (ConvEncoder, ConvDecoder),
 }
 

@@ -50,7 +50,7 @@ def check_shapes(vae: nn.Module, image_shape, z_dim: int | None = None, labels: 
 
     tensors = [t for t in (*vae.parameters(), *vae.buffers()) if t.is_floating_point()]
     like = tensors[0] if tensors else torch.zeros(())
-    with _evaluation_mode(vae), probing(like):
+    with evaluation_mode(vae), probing(like):
         x = torch.zeros(2, *image_shape, dtype=like.dtype, device=like.device)
         z_loc, z_scale = _check_encoder(vae.encoder, x, z_dim, fail)
         _check_guide(vae.guide_net, z_loc, z_scale, fail)
@@ -59,7 +59,7 @@ def check_shapes(vae: nn.Module, image_shape, z_dim: int | None = None, labels: 
 
 
 @contextlib.contextmanager
-def _evaluation_mode(module: nn.Module) -> Iterator[None]:
+def evaluation_mode(module: nn.Module) -> Iterator[None]:
     """Eval mode for the block (dropout or batch norm would draw noise or update statistics);
     each submodule's own mode restored after."""
     modes = [(m, m.training) for m in module.modules()]

@@ -250,6 +250,32 @@ def test_the_layer_networks_take_the_units_of_a_gated_architecture():
     assert type(vae.top_down[0].body[0]).__name__ == "GatedDense" and vae.top_down[0].loc.in_features == 8
 
 
+def test_the_layer_networks_of_mlp_bn_normalize_and_the_shape_check_leaves_their_statistics():
+    from pyro_vae.networks import FeatureBatchNorm
+
+    vae = small_vae("bottom_up", **{"model.arch": "mlp_bn", "model.layer_hidden_dim": 8})
+    norms = [m for m in vae.modules() if isinstance(m, FeatureBatchNorm)]
+    assert isinstance(vae.top_down[0].body[1], FeatureBatchNorm) and isinstance(vae.up[0].body[1], FeatureBatchNorm)
+    assert len(norms) == 4 and all(m.num_batches_tracked == 0 for m in norms)  # built and checked, not trained
+    assert vae.training
+
+
+def test_an_mlp_bn_run_resumes_exactly_and_reloads_its_running_statistics(tmp_path, assert_resumes_exactly):
+    from pyro_vae.networks import FeatureBatchNorm
+
+    splits = small_splits()
+    config = small_config("bottom_up", **{"model.arch": "mlp_bn", "train.epochs": 2})
+    whole = assert_resumes_exactly(config, splits)  # buffers included: every state_dict entry
+    reloaded = load_run(tmp_path / "whole")
+    assert not reloaded.training
+    for a, b in zip(reloaded.modules(), whole.vae.modules()):
+        if isinstance(a, FeatureBatchNorm):
+            assert a.num_batches_tracked > 0 and torch.equal(a.running_var, b.running_var)
+    x = splits.test.images[:4]
+    for a, b in zip(reloaded.codes(x), whole.vae.codes(x)):
+        assert torch.equal(a, b)
+
+
 # -- training, resume, reload, evaluation ------------------------------------------------------
 
 @pytest.mark.parametrize("inference", INFERENCES)

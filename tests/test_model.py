@@ -6,6 +6,7 @@ import pytest
 import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+from torch import nn
 from torch.distributions import kl_divergence
 
 from pyro_vae.config import ConfigError, load_config
@@ -275,6 +276,46 @@ def test_gated_mlp_is_the_mlp_with_gated_units(num_layers):
     assert vae.decoder.output_bias is vae.decoder.out.bias
     x = binary_batch(5)
     assert vae.encode(x).batch_shape == (5,) and vae.reconstruct(x).shape == x.shape
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_mlp_bn_normalizes_each_hidden_layer_by_the_batch_in_training(num_layers):
+    from pyro_vae.networks import FeatureBatchNorm
+
+    vae = make_vae("mlp_bn", num_layers=num_layers).train()
+    for body in (vae.encoder.body, vae.decoder.body):
+        assert [type(m) for m in body] == [nn.Linear, FeatureBatchNorm, nn.ReLU] * num_layers
+        assert all(m.bias is None for m in body if isinstance(m, nn.Linear))  # the shift replaces it
+    # the normalized pre-activations of a training batch: mean 0 and variance 1 per unit, over
+    # every leading dimension (here 3 particles x 5 items)
+    z = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(1)) * 4 + 2
+    normalized = vae.decoder.body[:2](z).reshape(15, -1)
+    torch.testing.assert_close(normalized.mean(0), torch.zeros(16), atol=1e-5, rtol=0)
+    torch.testing.assert_close(normalized.var(0, unbiased=False), torch.ones(16), atol=1e-3, rtol=0)
+
+
+def test_mlp_bn_in_eval_mode_scores_each_datum_alone():
+    vae = make_vae("mlp_bn").train()
+    x = binary_batch(8)
+    for _ in range(3):  # running statistics away from their start
+        vae.reconstruct(x)
+    assert vae.encoder.body[1].num_batches_tracked == 3
+    vae.eval()
+    together = vae.reconstruct(x)
+    alone = torch.cat([vae.reconstruct(x[i:i + 1]) for i in range(len(x))])
+    torch.testing.assert_close(together, alone)
+    assert vae.encoder.body[1].num_batches_tracked == 3  # eval mode leaves the statistics as they are
+    # in training the batch's statistics are used, so the same datum decodes differently
+    vae.train()
+    assert not torch.allclose(vae.reconstruct(x)[:1], vae.reconstruct(torch.cat([x[:1], 1 - x[:1]]))[:1])
+
+
+def test_mlp_bn_refuses_to_train_on_one_item_with_one_line():
+    vae = make_vae("mlp_bn").train()
+    with pytest.raises(ValueError) as error:
+        vae.reconstruct(binary_batch(1))
+    one_line(error, "batch normalization needs two or more items", "batch_size")
+    assert vae.eval().reconstruct(binary_batch(1)).shape == (1, *IMAGE_SHAPE)
 
 
 def _images_with_constant_pixels(n=40, shape=(1, 3, 4)):
