@@ -435,6 +435,9 @@ def _check_components(config: Config) -> None:
         deep = sorted(name for name in REGISTRIES["networks"] if record("networks", name).takes("num_layers"))
         raise ConfigError(f"model.num_layers = {model.num_layers}: the networks of model.arch = {model.arch!r} have "
                           f"a fixed depth; leave it at 1, or choose an architecture among {deep}")
+    if model.arch == "mlp_bn" and config.train.batch_size < 2:
+        raise ConfigError("model.arch = 'mlp_bn' normalizes by the batch, and train.batch_size = 1 has none to "
+                          "normalize by; use batches of 2 or more, or model.arch = 'mlp'")
     likelihood, prior, guide = (record("likelihood", model.likelihood), record("prior", model.prior),
                                 record("guide", model.guide))
     for part, key in ((likelihood, "model.likelihood_options"), (prior, "model.prior_options"),

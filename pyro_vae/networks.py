@@ -57,14 +57,17 @@ class FeatureBatchNorm(nn.BatchNorm1d):
     (particles, batch) pooled: a decoder sees ``(K, B, z_dim)`` under vectorized particles and
     ``(B, z_dim)`` otherwise, where ``nn.BatchNorm1d`` would read the second dimension as the
     features. In training the statistics are the batch's; in eval mode the running ones, so a
-    trained model scores each datum alone."""
+    trained model scores each datum alone. A training batch of one item (the short last batch of
+    an epoch, a process's share under torchrun) has no spread to normalize by: it takes the
+    running statistics, and leaves them as they are."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         if self.training and flat.shape[0] < 2:
-            raise ValueError(f"batch normalization needs two or more items a batch to train; got input of shape "
-                             f"{tuple(x.shape)}: use a train.batch_size of 2 or more per process")
-        return super().forward(flat).reshape(x.shape)
+            out = F.batch_norm(flat, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        else:
+            out = super().forward(flat)
+        return out.reshape(x.shape)
 
 
 def _batch_norm_mlp(sizes: list[int]) -> nn.Sequential:

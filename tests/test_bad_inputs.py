@@ -124,6 +124,8 @@ REFUSED = {
                                        "gaussian", "--set", "data.augment_shift=1"], ["data.augment_shift = 1", "vectors"]),
     "data-labels-wrong-length": (TRAIN + ["--data", "{labels_npz}"], ["labels.npz", "labels of shape (3,) for 4"]),
     # labelled runs on data of one's own: the labels checked before anything is built
+    "mlp-bn-batches-of-one": (TRAIN + ["--set", "model.arch=mlp_bn", "--set", "train.batch_size=1"],
+                              ["model.arch = 'mlp_bn' normalizes by the batch", "train.batch_size = 1"]),
     "labels-on-data-without-labels": (TRAIN + ["--data", "{unlabelled_npy}", "--set", "model.labels=conditional"],
                                       ["model.labels = 'conditional'", "needs labelled data", "has none"]),
     "labels-negative": (TRAIN + ["--data", "{negative_labels_npz}", "--set", "model.labels=conditional"],

@@ -310,12 +310,18 @@ def test_mlp_bn_in_eval_mode_scores_each_datum_alone():
     assert not torch.allclose(vae.reconstruct(x)[:1], vae.reconstruct(torch.cat([x[:1], 1 - x[:1]]))[:1])
 
 
-def test_mlp_bn_refuses_to_train_on_one_item_with_one_line():
+def test_mlp_bn_trains_a_batch_of_one_on_its_running_statistics_and_refuses_batches_of_one():
     vae = make_vae("mlp_bn").train()
-    with pytest.raises(ValueError) as error:
-        vae.reconstruct(binary_batch(1))
-    one_line(error, "batch normalization needs two or more items", "batch_size")
-    assert vae.eval().reconstruct(binary_batch(1)).shape == (1, *IMAGE_SHAPE)
+    x = binary_batch(8)
+    vae.reconstruct(x)  # running statistics away from their start
+    norm = vae.encoder.body[1]
+    before = (norm.running_mean.clone(), norm.num_batches_tracked.item())
+    one = vae.reconstruct(x[:1])  # the short last batch of an epoch
+    assert torch.equal(norm.running_mean, before[0]) and norm.num_batches_tracked == before[1]
+    torch.testing.assert_close(one, vae.eval().reconstruct(x[:1]))
+    with pytest.raises(ConfigError) as error:
+        load_config(None, {"model.arch": "mlp_bn", "train.batch_size": 1})
+    one_line(error, "model.arch = 'mlp_bn' normalizes by the batch", "train.batch_size = 1")
 
 
 def _images_with_constant_pixels(n=40, shape=(1, 3, 4)):
