@@ -54,6 +54,7 @@ HIERARCHICAL_ROWS = {
     "one_layer": ("- the top layer (one latent layer, z1's 64)",
                   {"model.z_dims": [64], "model.inference": "ladder", "model.layer_hidden_dim": 0}),
     "ladder": ("the ladder guide instead of bottom-up", {"model.inference": "ladder"}),
+    "no_batch_norm": ("- batch normalization (the plain MLP)", {"model.arch": "mlp"}),
     "no_warmup": ("- the KL warm-up (beta = 1 from the first step)", {"objective.beta_schedule": "constant"}),
     "constant_lr": ("- the cosine learning-rate decay", {"train.lr_schedule": "constant"}),
     "no_bias_init": ("- the output bias at the logit of the mean pixel", {"model.init_output_bias": False}),
