@@ -56,6 +56,9 @@ EXIT_DIVERGED = 4  # a NaN or infinite loss, gradient or parameter: the last che
 EXIT_DISK_FULL = 5  # the run folder's disk is full: the last checkpoint is kept
 EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: the state is saved, --resume continues
 
+#: What ``evaluate --split`` scores: the test images, or the validation images a recipe is chosen on.
+EVALUATION_SPLITS = ("test", "validation")
+
 
 def _integer(low: int, high: int | None = None, why: str = ""):
     """An argparse type: an integer from ``low`` to ``high``; its error names the value and the range."""
@@ -240,7 +243,10 @@ def _add_evaluate(commands) -> None:
                              description="Print the test ELBO and log-likelihood (nats per image) as JSON and save it in the run folder.")
     ev.add_argument("run_dir", metavar="RUN_DIR")
     ev.add_argument("--num-samples", "-k", type=_integer(1), default=1000, metavar="K", help="importance samples per image (default 1000; papers use 5000)")
-    ev.add_argument("--limit", type=_integer(0), default=0, metavar="N", help="evaluate the first N test images only (default 0: all)")
+    ev.add_argument("--limit", type=_integer(0), default=0, metavar="N", help="evaluate the first N images only (default 0: all)")
+    ev.add_argument("--split", choices=EVALUATION_SPLITS, default="test",
+                    help="the images scored: test (default), or validation, the held-out training images a recipe "
+                         "is chosen on (saved as evaluation_validation_k{K}.json)")
     ev.add_argument("--seed", type=_seed, default=0, help=f"seed of the importance samples (0 to {MAX_SEED}; default 0)")
     ev.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                     help="score Bernoulli pixels by one compiled kernel (torch.compile; a few seconds to compile, "
@@ -368,11 +374,11 @@ def _overrides(args) -> dict:
     return overrides
 
 
-def _first(test, limit: int, flag: str, dataset: str):
-    """The first ``limit`` test items (all for 0), still unread (an ``ImageData``: each command
-    reads them a batch at a time); more than there are is refused, not clipped."""
+def _first(test, limit: int, flag: str, dataset: str, split: str = "test"):
+    """The first ``limit`` items of a split (all for 0), still unread (an ``ImageData``: each
+    command reads them a batch at a time); more than there are is refused, not clipped."""
     if limit > len(test):
-        raise ConfigError(f"{flag} {limit}: the test split of {dataset} has only {len(test)} images (0: all)")
+        raise ConfigError(f"{flag} {limit}: the {split} split of {dataset} has only {len(test)} images (0: all)")
     return test.head(limit) if limit else test
 
 
@@ -511,15 +517,15 @@ def _run_data(config, args, checkpoint: dict | None = None):
     return splits
 
 
-def _trained_and_test(args):
-    """The run's VAE and the test split as it sees them (binarized once, seed 0, if binarized),
-    on exactly the data the run trained on."""
+def _trained_and_test(args, split: str = "test"):
+    """The run's VAE and its test split (or ``split``) as it sees them (binarized once, seed 0,
+    if binarized), on exactly the data the run trained on."""
     checkpoint = load_checkpoint(Path(args.run_dir) / CHECKPOINT_NAME)
     _load_run_plugins(checkpoint, args)
     vae = load_run(args.run_dir)
     config = vae.config
     splits = _run_data(config, args, checkpoint)
-    return vae, config, prepare(splits.test, config.data.binarize)
+    return vae, config, prepare(splits.test if split == "test" else splits.val, config.data.binarize)
 
 
 def _evaluate(args) -> int:
@@ -529,9 +535,9 @@ def _evaluate(args) -> int:
         device = resolve_device(args.device)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    vae, config, test = _trained_and_test(args)
+    vae, config, test = _trained_and_test(args, args.split)
     vae.to(device)
-    images = _first(test, args.limit, "--limit", config.data.dataset)
+    images = _first(test, args.limit, "--limit", config.data.dataset, args.split)
     started = time.perf_counter()
     compiled = {"auto": None, "on": True, "off": False}[args.compile]
     if isinstance(vae, LabelledVAE):  # accuracy, and log p(x) summed over the classes
@@ -541,7 +547,9 @@ def _evaluate(args) -> int:
         result = evaluate(vae, images, num_samples=args.num_samples, progress=not args.quiet, seed=args.seed,
                           compiled=compiled)
     result.update(_evaluated_how(config, args, seconds=time.perf_counter() - started))
-    path = Path(args.run_dir) / f"evaluation_k{args.num_samples}.json"
+    if args.split != "test":  # the keys keep their names, so a script reads either file alike
+        result["split"] = args.split
+    path = Path(args.run_dir) / f"evaluation{'' if args.split == 'test' else '_' + args.split}_k{args.num_samples}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
     return 0
@@ -549,7 +557,8 @@ def _evaluate(args) -> int:
 
 def _evaluated_how(config, args, seconds: float) -> dict:
     """What an evaluation's numbers depend on, saved beside them: the data, the model, the seed."""
-    protocol = "grey values" if config.data.binarize == "none" else f"test images binarized once with seed 0 (training: {config.data.binarize} binarization)"
+    protocol = ("grey values" if config.data.binarize == "none"
+                else f"{args.split} images binarized once with seed 0 (training: {config.data.binarize} binarization)")
     return {
         "dataset": config.data.dataset,
         "likelihood": config.model.likelihood,

@@ -203,3 +203,32 @@ def test_a_plugin_registers_parts_used_by_name_through_evaluate_and_resume(how, 
 def test_a_missing_plugin_is_one_line(tmp_path, run_cli):
     for plugin, word in [(str(tmp_path / "nowhere.py"), "nowhere.py"), ("no_such_module_here", "no_such_module_here")]:
         assert_one_line_error(run_cli("train", "--plugin", plugin, "--out", str(tmp_path / "run")), word)
+
+
+def test_evaluate_scores_the_validation_split_when_asked(tmp_path, run_cli):
+    """``--split validation`` scores the held-out training items a recipe is chosen on, the same
+    computation as :func:`pyro_vae.evaluate` on them, and keeps the test file apart."""
+    from pyro_vae import evaluate, load_run
+    from pyro_vae.data import load_data, prepare
+
+    source = write_arrays(tmp_path / "images.npy", "npy-images")
+    run = tmp_path / "run"
+    assert run_cli("train", "--data", str(source), *TINY, "--epochs", "1", "--out", str(run))[0] == 0
+    status, out, err = run_cli("evaluate", str(run), "-k", "4", "--split", "validation", "--quiet")
+    assert status == 0, err
+    result = json.loads(out)
+    assert result["split"] == "validation" and result["data_protocol"].startswith("validation images")
+    assert result == json.loads((run / "evaluation_validation_k4.json").read_text())
+    assert not (run / "evaluation_k4.json").exists()  # the test file is the test split's alone
+
+    vae = load_run(run)
+    splits = load_data(vae.config.data)
+    assert result["num_images"] == len(splits.val) == 12
+    expected = evaluate(vae, prepare(splits.val, vae.config.data.binarize).images, num_samples=4, seed=0)
+    assert result["test_log_likelihood"] == expected["test_log_likelihood"]  # the same computation, repeated
+
+    status, out, err = run_cli("evaluate", str(run), "-k", "4", "--quiet")
+    assert status == 0, err
+    assert "split" not in json.loads(out) and (run / "evaluation_k4.json").exists()
+    assert_one_line_error(run_cli("evaluate", str(run), "--split", "validation", "--limit", "13", "--quiet"),
+                          "--limit 13", "validation split", "only 12")
