@@ -50,8 +50,9 @@ LONG_ROWS = {
 #: key -> (what the row changes, overrides of mnist_hierarchical.toml)
 HIERARCHICAL_ROWS = {
     "hierarchical": ("configs/mnist_hierarchical.toml as shipped", {}),
-    # the recipe less its top layer; a one-layer model has no inference order or layer networks
-    "one_layer": ("- the top layer (one latent layer, z1's 64)",
+    "two_layers": ("- the top layer (two latent layers, z_dims [64, 32])", {"model.z_dims": [64, 32]}),
+    # a one-layer model has no inference order or networks between layers
+    "one_layer": ("- the top two layers (one latent layer, z1's 64)",
                   {"model.z_dims": [64], "model.inference": "ladder", "model.layer_hidden_dim": 0}),
     "ladder": ("the ladder guide instead of bottom-up", {"model.inference": "ladder"}),
     "no_batch_norm": ("- batch normalization (the plain MLP)", {"model.arch": "mlp"}),
