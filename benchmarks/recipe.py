@@ -69,15 +69,30 @@ BASES = {
 
 
 def epochs_for(config, splits, minutes: float, calibration_batches: int) -> tuple[int, float]:
-    """Epochs of ``config`` that fit in ``minutes`` here, and the seconds per epoch measured."""
+    """Epochs of ``config`` that fit in ``minutes`` here, and the seconds per epoch measured.
+
+    A final phase (``objective.final_epochs`` under ``objective.final_elbo``) is timed apart:
+    its epochs at their own speed, and the rest of the minutes filled with the first estimator's."""
+    objective = config.objective
+    without_phase = {"objective.final_elbo": "", "objective.final_epochs": 0}
+    per_epoch = seconds_per_epoch(config.replace(**without_phase), splits, calibration_batches)
+    budget, final = minutes * 60, objective.final_epochs
+    if final:
+        as_final = config.replace(**without_phase, **{"objective.elbo": objective.final_elbo,
+                                                      "objective.num_particles": objective.final_particles})
+        budget -= final * seconds_per_epoch(as_final, splits, calibration_batches)
+    return final + max(1, math.floor(budget / per_epoch)), per_epoch
+
+
+def seconds_per_epoch(config, splits, calibration_batches: int) -> float:
+    """An epoch of ``config`` here, in seconds, from the second of two epochs over a few batches."""
     batch = config.train.batch_size
     probe = config.replace(**{"train.epochs": 2})
     data = pyro_vae.Splits(train=splits.train.head(calibration_batches * batch), val=splits.val, test=splits.test)
     history = pyro_vae.fit(probe, data, progress=False).history
     per_image = history[-1]["seconds"] / (calibration_batches * batch)  # the second epoch: warm caches
     # each epoch also scores the validation images once (about a third of a training step's work per image)
-    per_epoch = per_image * (len(splits.train) + len(splits.val) / 3)
-    return max(1, math.floor(minutes * 60 / per_epoch)), per_epoch
+    return per_image * (len(splits.train) + len(splits.val) / 3)
 
 
 def run_row(base: str, key: str, out: Path, splits_for, minutes: float, num_samples: int, test_images: int,

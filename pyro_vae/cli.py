@@ -296,7 +296,8 @@ def _add_compare_training(commands) -> None:
     training = commands.add_parser(
         "compare-training", help="train a config once per estimator and compare the runs",
         description="Train one config once per estimator, with the same epochs and seed, and compare learning "
-                    "curves and test log-likelihoods. It replaces compare-elbo --train.")
+                    "curves and test log-likelihoods; each estimator trains every epoch (a config's final "
+                    "phase, objective.final_elbo, is left out). It replaces compare-elbo --train.")
     _add_estimators(training, DEFAULT_TRAINING_ESTIMATORS)
     _add_training_comparison_options(training)
     SHORTHANDS["--data"].add_to(training)
@@ -857,7 +858,8 @@ def _training_comparison_inputs(args):
     (every estimator's variant of the config too) before anything trains."""
     estimators = _checked_estimators(args.estimators, DEFAULT_TRAINING_ESTIMATORS)
     plugins = load_plugins(args.plugin)  # before the config: it may name what they register
-    config = load_config(args.config, _overrides(args))
+    # each estimator trains throughout: a final phase under another would blur the comparison
+    config = load_config(args.config, {**_overrides(args), "objective.final_elbo": "", "objective.final_epochs": 0})
     if args.estimators is None and not has_closed_form_kl(PRIORS[config.model.prior], GUIDES[config.model.guide]):
         estimators = _without_analytic(estimators)
         print(f"note: guide {config.model.guide!r} and prior {config.model.prior!r} have no closed-form KL; "

@@ -128,6 +128,13 @@ class ObjectiveConfig:
     beta_epochs: int = 10
     beta_ramp: float = 0.5
     num_particles: int = 1
+    #: A last phase of training under another estimator: the final ``final_epochs`` of the
+    #: schedule (``train.lr_schedule_epochs``, else ``train.epochs``) take ``final_elbo`` with ``final_particles`` particles, e.g. "iwae_dreg"
+    #: with 5, which fits q(z|x) as a proposal for the importance-sampled log-likelihood
+    #: that models are scored by, after the cheaper ELBO has trained the rest ("": none).
+    final_elbo: str = ""
+    final_epochs: int = 0
+    final_particles: int = 1
     #: Weight of the reconstruction term log p(x|z) during training; 0 switches it off (the
     #: objective is then -KL alone, and q(z|x) collapses onto the prior). Evaluation uses 1.
     reconstruction_weight: float = 1.0
@@ -197,6 +204,7 @@ def _choices() -> dict[str, list[str]]:
         "model.prior": sorted(REGISTRIES["prior"]),
         "model.guide": sorted(REGISTRIES["guide"]),
         "objective.elbo": sorted(ELBOS),
+        "objective.final_elbo": ["", *sorted(ELBOS)],
         "objective.beta_schedule": ["constant", "cyclical", "warmup"],
         "model.labels": list(LABEL_MODES),
         "model.classifier_arch": ["", *sorted(REGISTRIES["networks"])],
@@ -228,6 +236,8 @@ _BOUNDS = {
     "model.layer_hidden_dim": (0, True),
     "objective.beta": (0.0, True),
     "objective.num_particles": (1, True),
+    "objective.final_epochs": (0, True),
+    "objective.final_particles": (1, True),
     "objective.beta_epochs": (1, True),
     "objective.beta_ramp": (0.0, False),
     "objective.reconstruction_weight": (0.0, True),
@@ -347,6 +357,34 @@ def validate(config: Config) -> None:
     _check_components(config)
     _check_labels(config)
     _check_layers(config)
+    _check_final_phase(config)
+
+
+def _check_final_phase(config: Config) -> None:
+    """``objective.final_elbo`` with ``final_epochs``: both or neither, within the run, and an
+    estimator the model could train with as ``objective.elbo``."""
+    objective = config.objective
+    if bool(objective.final_elbo) != bool(objective.final_epochs):
+        raise ConfigError(f"objective.final_elbo = {objective.final_elbo!r} with objective.final_epochs = "
+                          f"{objective.final_epochs}: set both (e.g. 'iwae_dreg' for the last 20 epochs) or neither")
+    if not objective.final_epochs:
+        return
+    length = config.train.lr_schedule_epochs or config.train.epochs  # the phase ends with the schedule
+    if objective.final_epochs > length:
+        key = "train.lr_schedule_epochs" if config.train.lr_schedule_epochs else "train.epochs"
+        raise ConfigError(f"objective.final_epochs = {objective.final_epochs} is more than the run's {key} = "
+                          f"{length}; choose at most that many, or none (objective.final_epochs = 0 with "
+                          "objective.final_elbo = '')")
+    if config.model.labels != "none":
+        raise ConfigError(f"objective.final_elbo with model.labels = {config.model.labels!r}: a labelled model trains "
+                          "with one estimator throughout; leave objective.final_elbo empty")
+    # the checks objective.elbo passes, applied to the final estimator
+    as_main = dataclasses.replace(config, objective=dataclasses.replace(objective, elbo=objective.final_elbo))
+    try:
+        _check_components(as_main)
+        _check_layers(as_main)
+    except ConfigError as error:
+        raise ConfigError(str(error).replace("objective.elbo", "objective.final_elbo")) from None
 
 
 def _one_layer_as_z_dim(model: dict) -> dict:

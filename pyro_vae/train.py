@@ -38,7 +38,7 @@ from .checkpoint import BUILT_BY_HAND, BUILT_FROM_CONFIG, training_state
 from .config import Config, from_dict
 from .data import ImageData, Splits, binarize_once, check_likelihood_range, check_shift, iterate_batches, prepare
 from .distributed import Runtime, all_reduce_sum, current_runtime, data_parallel, local_part, shard_bounds
-from .elbo import mean_elbo
+from .elbo import make_elbo, mean_elbo
 from .labelled import (LabelledVAE, accuracy, build_model, check_labels, labelled_epoch_items, labelled_order,
                        make_training_loss, training_labels)
 from .likelihoods import LIKELIHOODS
@@ -48,7 +48,7 @@ from .run_folder import METRICS_NAME, RunFolder
 from .seeding import preserved, probing
 
 __all__ = ["METRICS_NAME", "FitResult", "TrainingDiverged", "beta_at", "check_data", "fit", "learning_rate",
-           "make_optimizer", "peak_memory_mb", "reconciled_config", "resumed_config"]
+           "make_optimizer", "peak_memory_mb", "reconciled_config", "resumed_config", "training_images"]
 
 
 class TrainingDiverged(FloatingPointError):
@@ -149,7 +149,9 @@ class FitResult:
     completed: bool = True
 
 
-def _training_images(config: Config, splits: Splits) -> ImageData:
+def training_images(config: Config, splits: Splits) -> ImageData:
+    """The items a run of ``config`` trains on: ``data.train_limit`` of them, binarized once
+    for ``data.binarize = "static"`` (a dynamic run draws each batch's bits as it goes)."""
     train = splits.train.head(config.data.train_limit) if config.data.train_limit else splits.train
     if config.data.binarize == "static":
         return binarize_once(train, seed=config.train.seed)
@@ -266,6 +268,19 @@ class _Parts:
     labels: torch.Tensor | None = None
     #: the number of classes of a labelled run (0 otherwise)
     num_classes: int = 0
+    #: ``loss``'s estimator, and that of its last ``objective.final_epochs`` epochs (or None)
+    estimator: object = None
+    final_estimator: object = None
+
+    def estimator_at(self, epoch: int):
+        """The estimator that trains epoch ``epoch`` (0-based): ``objective.final_elbo``'s in the
+        last ``objective.final_epochs`` of the schedule's epochs (and any after them),
+        ``objective.elbo``'s before. The schedule's length, as the learning rate's, is
+        ``train.lr_schedule_epochs`` or else ``train.epochs``: resuming with more epochs moves neither."""
+        train = self.config.train
+        length = train.lr_schedule_epochs or train.epochs
+        final = self.final_estimator is not None and epoch >= length - self.config.objective.final_epochs
+        return self.final_estimator if final else self.estimator
 
     @property
     def epoch_items(self) -> int:
@@ -344,20 +359,24 @@ def _prepare(config: Config, splits: Splits, device, vae: VAE | None, built: str
     else:  # a user's modules: the same check, one clear line instead of a shape error mid-step
         vae.check_shapes(splits.train.image_shape)
     check_data(config, splits, vae.likelihood)  # before binarization draws from values it cannot take
-    images = _training_images(config, splits)
+    images = training_images(config, splits)
     if built == BUILT_FROM_CONFIG and config.model.init_output_bias:
         init_output_bias(vae, images)  # from the data it trains on (Burda et al. 2015); draws nothing
     val_images = prepare(splits.val, config.data.binarize)
     vae = vae.to(runtime.device)
     optimizer = make_optimizer(vae.parameters(), config.train.lr)
     loss = make_training_loss(vae, config.objective)
+    objective_config = config.objective
+    final_estimator = (make_elbo(objective_config.final_elbo, objective_config.final_particles)
+                       if objective_config.final_epochs else None)
     objective = data_parallel(loss, runtime, may_mask=_may_mask(config))
     # Splits built by hand have no source: say so, so that no command reads other data for it
     source = splits.source or {"dataset": None, "kind": "tensors", "path": None, "fingerprint": None}
     return _Parts(config=config, runtime=runtime, vae=vae, loss=loss, objective=objective, optimizer=optimizer,
                   generator=torch.Generator().manual_seed(config.train.seed), images=images, val_images=val_images,
                   image_shape=splits.train.image_shape, source=source, built=built, plugins=plugins,
-                  labels=labels, num_classes=num_classes)
+                  labels=labels, num_classes=num_classes, estimator=getattr(loss, "estimator", None),
+                  final_estimator=final_estimator)
 
 
 def _restore(parts: _Parts, checkpoint: dict | None) -> _Loop:
@@ -395,6 +414,8 @@ def _train(parts: _Parts, loop: _Loop, folder: RunFolder, callbacks: CallbackLis
         lr, beta = learning_rate(config, loop.epoch), beta_at(config.objective, loop.epoch)
         for group in parts.optimizer.param_groups:
             group["lr"] = lr
+        if parts.final_estimator is not None:  # the loss module stays, so DDP's wrapper of it does
+            parts.loss.estimator = parts.estimator_at(loop.epoch)
         # the steps
         stopping = _train_epoch(parts, loop, beta, callbacks, stop)
         # the last step's update is the one no loss has checked yet: never save it if it broke
@@ -545,6 +566,10 @@ def _epoch_record(parts: _Parts, loop: _Loop, lr: float, beta: float) -> dict:
         "images_per_second": partial["images"] / partial["seconds"],
         "peak_memory_mb": peak_memory_mb(),
     }
+    if parts.final_estimator is not None:  # train_loss is then this estimator's bound
+        objective = parts.config.objective
+        final = parts.estimator_at(loop.epoch) is parts.final_estimator
+        record["elbo"] = objective.final_elbo if final else objective.elbo
     if isinstance(parts.vae, LabelledVAE) and parts.val_images.labels is not None:
         # what a semi-supervised recipe is chosen on: never the test split
         with probing(parts.runtime.device):

@@ -292,6 +292,55 @@ def test_a_run_resumes_exactly_and_reloads(inference, tmp_path, assert_resumes_e
         assert torch.equal(a, b)
 
 
+def test_a_final_phase_trains_the_last_epochs_with_its_own_estimator(monkeypatch):
+    from pyro_vae.estimators import DReG_IWAE_ELBO
+
+    calls = []
+    original = DReG_IWAE_ELBO.differentiable_loss
+    monkeypatch.setattr(DReG_IWAE_ELBO, "differentiable_loss",
+                        lambda self, *args, **kwargs: calls.append(self.num_particles) or original(self, *args, **kwargs))
+    splits = small_splits()
+    config = small_config("bottom_up", **{"train.epochs": 3, "objective.final_elbo": "iwae_dreg",
+                                          "objective.final_epochs": 1, "objective.final_particles": 3})
+    result = fit(config, splits, run_dir=None, progress=False)
+    assert [r["elbo"] for r in result.history] == ["mc", "mc", "iwae_dreg"]
+    steps = math.ceil(len(splits.train) / config.train.batch_size)
+    assert calls == [3] * steps  # every step of the last epoch, with its particles, and no other
+    assert all(math.isfinite(r["train_loss"]) for r in result.history)
+
+
+def test_a_run_with_a_final_phase_resumes_exactly_before_and_in_it(tmp_path):
+    splits = small_splits()
+    # the schedule's length pins the phase: a run stopped early keeps it where the whole run has it
+    config = small_config("bottom_up", **{"train.epochs": 4, "train.lr_schedule_epochs": 4,
+                                          "objective.final_elbo": "iwae_dreg", "objective.final_epochs": 2,
+                                          "objective.final_particles": 2})
+    whole = fit(config, splits, tmp_path / "whole", progress=False)
+    for stop in (1, 3):  # before the phase, and inside it
+        part = tmp_path / f"part{stop}"
+        fit(config.replace(**{"train.epochs": stop}), splits, part, progress=False)
+        resumed = fit(config, splits, part, checkpoint=load_checkpoint(part), progress=False)
+        for key, value in whole.vae.state_dict().items():
+            assert torch.equal(value, resumed.vae.state_dict()[key]), key
+        assert [r["train_loss"] for r in whole.history] == [r["train_loss"] for r in resumed.history]
+        assert [r["elbo"] for r in resumed.history] == ["mc", "mc", "iwae_dreg", "iwae_dreg"]
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"objective.final_elbo": "iwae_dreg"}, ("objective.final_elbo = 'iwae_dreg'", "objective.final_epochs = 0")),
+    ({"objective.final_epochs": 2}, ("objective.final_elbo = ''", "objective.final_epochs = 2")),
+    ({"objective.final_elbo": "iwae_dreg", "objective.final_epochs": 3}, ("objective.final_epochs = 3",
+                                                                         "train.epochs = 2")),
+    ({"objective.final_elbo": "analytic", "objective.final_epochs": 1}, ("objective.final_elbo = 'analytic'",
+                                                                        "bottom_up")),
+    ({"objective.final_elbo": "nope", "objective.final_epochs": 1}, ("objective.final_elbo", "iwae_dreg")),
+])
+def test_a_final_phase_that_cannot_train_is_refused_in_one_line(overrides, words):
+    with pytest.raises(Exception) as error:
+        small_config("bottom_up", **overrides)
+    one_line(error, *words)
+
+
 def test_evaluation_reports_each_layer():
     vae = small_vae()
     result = evaluate(vae, binary_images(20), num_samples=50)
@@ -380,3 +429,23 @@ def test_compare_training_leaves_analytic_out_for_the_bottom_up_guide(tmp_path, 
         run_cli("compare-training", "--data", str(data), *TINY, "--set", "model.inference=bottom_up",
                 "--out", str(tmp_path / "runs"))
     assert asked and "analytic" not in asked
+
+
+def test_compare_training_trains_each_estimator_without_a_configs_final_phase(tmp_path, run_cli, monkeypatch):
+    import pyro_vae.compare as compare
+
+    data = tmp_path / "images.npy"
+    np.save(data, (binary_images(60).squeeze(1).numpy() * 255).astype(np.uint8))
+    config = tmp_path / "final.toml"  # a phase longer than the comparison's one epoch
+    config.write_text('[objective]\nfinal_elbo = "iwae_dreg"\nfinal_epochs = 6\nfinal_particles = 5\n')
+    seen = []
+
+    def trap(config, splits, out, estimators, *args, **kwargs):
+        seen.append(config.objective)
+        raise KeyboardInterrupt  # nothing trains
+
+    monkeypatch.setattr(compare, "train_side_by_side", trap)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli("compare-training", "--config", str(config), "--data", str(data), *TINY, "--epochs", "1",
+                "--out", str(tmp_path / "runs"))
+    assert seen and seen[0].final_elbo == "" and seen[0].final_epochs == 0
