@@ -59,6 +59,8 @@ HIERARCHICAL_ROWS = {
     "no_warmup": ("- the KL warm-up (beta = 1 from the first step)", {"objective.beta_schedule": "constant"}),
     "constant_lr": ("- the cosine learning-rate decay", {"train.lr_schedule": "constant"}),
     "no_bias_init": ("- the output bias at the logit of the mean pixel", {"model.init_output_bias": False}),
+    "no_final_phase": ("- the final phase of IWAE-DReG (the ELBO to the end)",
+                       {"objective.final_elbo": "", "objective.final_epochs": 0}),
 }
 
 #: --base -> (the config every row changes, its rows; the first row is the config as shipped)
