@@ -129,8 +129,8 @@ class ObjectiveConfig:
     beta_ramp: float = 0.5
     num_particles: int = 1
     #: A last phase of training under another estimator: the final ``final_epochs`` of the
-    #: schedule (``train.lr_schedule_epochs``, else ``train.epochs``) take ``final_elbo`` with ``final_particles`` particles, e.g. "iwae_dreg"
-    #: with 5, which fits q(z|x) as a proposal for the importance-sampled log-likelihood
+    #: schedule (``train.lr_schedule_epochs``, else ``train.epochs``) take ``final_elbo`` with
+    #: ``final_particles`` particles, e.g. "iwae_dreg" with 5, the importance-weighted bound
     #: that models are scored by, after the cheaper ELBO has trained the rest ("": none).
     final_elbo: str = ""
     final_epochs: int = 0
@@ -169,6 +169,11 @@ class TrainConfig:
     #: Semi-supervised runs: labelled items in each batch (the few labelled items are drawn
     #: again and again, so that every step sees some; the unlabelled ones fill the rest).
     labelled_per_batch: int = 32
+
+    @property
+    def schedule_epochs(self) -> int:
+        """The epochs the learning-rate schedule, and a final phase, span."""
+        return self.lr_schedule_epochs or self.epochs
 
 
 @dataclass(frozen=True)
@@ -369,11 +374,10 @@ def _check_final_phase(config: Config) -> None:
                           f"{objective.final_epochs}: set both (e.g. 'iwae_dreg' for the last 20 epochs) or neither")
     if not objective.final_epochs:
         return
-    length = config.train.lr_schedule_epochs or config.train.epochs  # the phase ends with the schedule
-    if objective.final_epochs > length:
+    if objective.final_epochs > config.train.schedule_epochs:  # the phase ends with the schedule
         key = "train.lr_schedule_epochs" if config.train.lr_schedule_epochs else "train.epochs"
         raise ConfigError(f"objective.final_epochs = {objective.final_epochs} is more than the run's {key} = "
-                          f"{length}; choose at most that many, or none (objective.final_epochs = 0 with "
+                          f"{config.train.schedule_epochs}; choose at most that many, or none (objective.final_epochs = 0 with "
                           "objective.final_elbo = '')")
     if config.model.labels != "none":
         raise ConfigError(f"objective.final_elbo with model.labels = {config.model.labels!r}: a labelled model trains "

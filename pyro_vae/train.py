@@ -62,7 +62,7 @@ def learning_rate(config, epoch: int) -> float:
     after it keep the final rate.
     """
     train = config.train
-    span = train.lr_schedule_epochs or train.epochs
+    span = train.schedule_epochs
     if train.lr_schedule == "constant" or span <= 1:
         return train.lr
     # cosine: lr at epoch 0, lr * lr_final_ratio at the schedule's last epoch
@@ -277,9 +277,8 @@ class _Parts:
         last ``objective.final_epochs`` of the schedule's epochs (and any after them),
         ``objective.elbo``'s before. The schedule's length, as the learning rate's, is
         ``train.lr_schedule_epochs`` or else ``train.epochs``: resuming with more epochs moves neither."""
-        train = self.config.train
-        length = train.lr_schedule_epochs or train.epochs
-        final = self.final_estimator is not None and epoch >= length - self.config.objective.final_epochs
+        final = self.final_estimator is not None and \
+            epoch >= self.config.train.schedule_epochs - self.config.objective.final_epochs
         return self.final_estimator if final else self.estimator
 
     @property
