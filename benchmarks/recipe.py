@@ -16,8 +16,11 @@ images (binarized once, as ``pyro-vae evaluate`` does) with K importance samples
 
 A full table is ``--minutes`` times the number of rows plus the evaluations: about 9 hours for
 ``long`` at the defaults on a 2-core CPU. ``--rows`` picks some rows (by key); finished rows are reused
-(``OUT/ROW/recipe.json``) and an interrupted row continues from its checkpoint. Run it on an
-otherwise idle machine: the budget is wall-clock time.
+(``OUT/ROW/recipe.json``, which records the machine: a row from another CPU, thread count or
+torch is refused) and an interrupted row continues from its checkpoint. Run it on an otherwise
+idle machine: the budget is wall-clock time. Rows can also run two at a time, each on one core
+(``OMP_NUM_THREADS=1``, each process with its own ``--rows``), so long as every row of the table
+ran that way.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import platform
 import time
 from pathlib import Path
 
@@ -97,12 +102,45 @@ def seconds_per_epoch(config, splits, calibration_batches: int) -> float:
     return per_image * (len(splits.train) + len(splits.val) / 3)
 
 
+def this_machine() -> dict:
+    """What a row's time budget bought depends on: the CPU (its model name and whether it has
+    AVX-512, which more than doubles an epoch's speed here), the cores and threads, torch."""
+    flags, model = set(), platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() == "model name" and value.strip():
+                model = value.strip()
+            elif name.strip() == "flags":
+                flags = set(value.split())
+    except OSError:  # not Linux: the processor's name alone
+        pass
+    threads = os.environ.get("OMP_NUM_THREADS") or str(torch.get_num_threads())
+    return {"cpu": model, "avx512": "avx512f" in flags, "cores": os.cpu_count(), "threads": threads,
+            "torch": torch.__version__}
+
+
+def reused_row(result_path: Path, machine: dict) -> dict | None:
+    """A finished row's result, if it was measured on a machine like this one; a row from
+    another machine is refused, since rows are compared at the same wall-clock time."""
+    if not result_path.exists():
+        return None
+    result = json.loads(result_path.read_text())
+    measured_on = result.get("machine")
+    if measured_on != machine:
+        raise SystemExit(f"{result_path} was measured on {measured_on or 'an unrecorded machine'}, this machine is "
+                         f"{machine}: rows at the same time compare only on the same machine; use another --out")
+    return result
+
+
 def run_row(base: str, key: str, out: Path, splits_for, minutes: float, num_samples: int, test_images: int,
             calibration_batches: int) -> dict:
     row_dir = out / key
     result_path = row_dir / "recipe.json"
-    if result_path.exists():
-        return json.loads(result_path.read_text())
+    machine = this_machine()
+    finished = reused_row(result_path, machine)
+    if finished is not None:
+        return finished
     path, rows = BASES[base]
     change, overrides = rows[key]
     config = pyro_vae.load_config(path, overrides)
@@ -126,7 +164,7 @@ def run_row(base: str, key: str, out: Path, splits_for, minutes: float, num_samp
     result = pyro_vae.evaluate(fitted.vae, images, num_samples=num_samples, seed=0, progress=True)
     result.update({"row": key, "change": change, "overrides": overrides, "epochs": epochs,
                    "calibrated_seconds_per_epoch": per_epoch, "train_minutes": train_minutes,
-                   "budget_minutes": minutes})
+                   "budget_minutes": minutes, "machine": machine})
     row_dir.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{key}: {epochs} epochs, {train_minutes:.1f} min; test ELBO {result['test_elbo']:.2f}, "
@@ -169,7 +207,8 @@ def main(argv=None) -> None:
     for r in results:
         print(f"| {r['change']} | {r['epochs']} | {r['train_minutes']:.1f} | {r['test_elbo']:.2f} | "
               f"{r['test_log_likelihood']:.2f} | {r['test_log_likelihood'] - reference:+.2f} |")
-    print(f"\n{results[0]['num_images']} test images; every row trained for about {args.minutes:g} minutes")
+    print(f"\n{results[0]['num_images']} test images; every row trained for about {args.minutes:g} minutes "
+          f"on {results[0]['machine']}")
 
 
 if __name__ == "__main__":
