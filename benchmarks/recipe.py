@@ -104,7 +104,8 @@ def seconds_per_epoch(config, splits, calibration_batches: int) -> float:
 
 def this_machine() -> dict:
     """What a row's time budget bought depends on: the CPU (its model name and whether it has
-    AVX-512, which more than doubles an epoch's speed here), the cores and threads, torch."""
+    AVX-512: with it an epoch of the hierarchical config ran 1.5 to 2.5 times as fast here, H36
+    against H39 and H26 in docs/results.md), the cores and threads, torch."""
     flags, model = set(), platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
