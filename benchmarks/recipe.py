@@ -20,7 +20,14 @@ A full table is ``--minutes`` times the number of rows plus the evaluations: abo
 torch is refused) and an interrupted row continues from its checkpoint. Run it on an otherwise
 idle machine: the budget is wall-clock time. Rows can also run two at a time, each on one core
 (``OMP_NUM_THREADS=1``, each process with its own ``--rows``), so long as every row of the table
-ran that way.
+ran that way. ``--report`` trains nothing: it prints the table of the rows finished in ``--out``
+and names the rows still to run. The rows of issue #26's ablation are gathered, over sessions,
+in ``benchmarks/ablation/hierarchical`` (each row's ``recipe.json`` is committed, its run folder
+is not):
+
+    OMP_NUM_THREADS=1 taskset -c 0 python benchmarks/recipe.py --base hierarchical --data-dir ../shared/data \
+        --out benchmarks/ablation/hierarchical --rows ROW
+    python benchmarks/recipe.py --base hierarchical --out benchmarks/ablation/hierarchical --report
 """
 
 from __future__ import annotations
@@ -173,6 +180,37 @@ def run_row(base: str, key: str, out: Path, splits_for, minutes: float, num_samp
     return result
 
 
+def print_table(results: list[dict], num_samples: int) -> None:
+    """The rows as a Markdown table, each against the first."""
+    reference = results[0]["test_log_likelihood"]
+    print(f"\n| row | epochs | training minutes | test ELBO | test log-likelihood (K = {num_samples}) | vs first row |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        print(f"| {r['change']} | {r['epochs']} | {r['train_minutes']:.1f} | {r['test_elbo']:.2f} | "
+              f"{r['test_log_likelihood']:.2f} | {r['test_log_likelihood'] - reference:+.2f} |")
+
+
+def report(out: Path, keys: list[str], num_samples: int) -> None:
+    """The finished rows among ``keys`` in ``out`` as a table, and the rows still to run: a table
+    gathered over several sessions is read without training anything. Rows measured on different
+    machines, or scored with another K, are refused together."""
+    finished = {key: json.loads((out / key / "recipe.json").read_text())
+                for key in keys if (out / key / "recipe.json").exists()}
+    missing = [key for key in keys if key not in finished]
+    if missing and keys[0] in missing:
+        print(f"{keys[0]}, the row the others are compared with, has not run")
+    elif finished:
+        machines = {json.dumps(r["machine"], sort_keys=True) for r in finished.values()}
+        if len(machines) > 1:
+            raise SystemExit(f"{out}: its rows were measured on {len(machines)} machines; they do not compare")
+        if {r.get("num_samples") for r in finished.values()} != {num_samples}:
+            raise SystemExit(f"{out}: not every row was scored with K = {num_samples} (--num-samples)")
+        first = finished[keys[0]]
+        print_table(list(finished.values()), num_samples)
+        print(f"\n{first['num_images']} test images; {first['budget_minutes']:g} minutes a row on {first['machine']}")
+    print(f"still to run: {' '.join(missing)}" if missing else "every row has run")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default=None, help="folder holding MNIST/raw (default: $PYRO_VAE_DATA)")
@@ -184,12 +222,17 @@ def main(argv=None) -> None:
                         help="long: ingredients added to mnist_long; hierarchical: removed from mnist_hierarchical")
     parser.add_argument("--rows", nargs="+", default=None, help="rows to run, by key (default all of the base's)")
     parser.add_argument("--out", default="runs/recipe")
+    parser.add_argument("--report", action="store_true",
+                        help="train nothing: print the table of the rows finished in --out and name those still to run")
     args = parser.parse_args(argv)
     rows = BASES[args.base][1]
     keys = args.rows or list(rows)
     unknown = [key for key in keys if key not in rows]
     if unknown:
         parser.error(f"--rows {' '.join(unknown)}: the rows of --base {args.base} are {', '.join(rows)}")
+    if args.report:
+        report(Path(args.out), keys, args.num_samples)
+        return
 
     loaded = {}
 
@@ -201,13 +244,7 @@ def main(argv=None) -> None:
 
     results = [run_row(args.base, key, Path(args.out), splits_for, args.minutes, args.num_samples, args.test_images,
                        args.calibration_batches) for key in keys]
-    reference = results[0]["test_log_likelihood"]
-    k = args.num_samples
-    print(f"\n| row | epochs | training minutes | test ELBO | test log-likelihood (K = {k}) | vs first row |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for r in results:
-        print(f"| {r['change']} | {r['epochs']} | {r['train_minutes']:.1f} | {r['test_elbo']:.2f} | "
-              f"{r['test_log_likelihood']:.2f} | {r['test_log_likelihood'] - reference:+.2f} |")
+    print_table(results, args.num_samples)
     print(f"\n{results[0]['num_images']} test images; every row trained for about {args.minutes:g} minutes "
           f"on {results[0]['machine']}")
 
