@@ -197,7 +197,7 @@ def report(out: Path, keys: list[str], num_samples: int) -> None:
     finished = {key: json.loads((out / key / "recipe.json").read_text())
                 for key in keys if (out / key / "recipe.json").exists()}
     missing = [key for key in keys if key not in finished]
-    if missing and keys[0] in missing:
+    if keys[0] in missing:
         print(f"{keys[0]}, the row the others are compared with, has not run")
     elif finished:
         machines = {json.dumps(r["machine"], sort_keys=True) for r in finished.values()}
