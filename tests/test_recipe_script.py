@@ -87,3 +87,14 @@ def test_report_without_the_first_row_compares_nothing(recipe, tmp_path, capsys)
     assert "hierarchical, the row the others are compared with, has not run" in out
     assert "|" not in out
     assert out.strip().splitlines()[-1] == "still to run: hierarchical"
+
+
+def test_the_committed_ablation_rows_compare(recipe, capsys):
+    """The rows kept in benchmarks/ablation/hierarchical, gathered over sessions, are rows of the
+    table, from one machine, scored with one K: ``--report`` tables them without refusing."""
+    folder = SCRIPT.parent / "ablation" / "hierarchical"
+    kept = sorted(path.parent.name for path in folder.glob("*/recipe.json"))
+    assert kept and set(kept) <= set(recipe.HIERARCHICAL_ROWS)
+    recipe.report(folder, list(recipe.HIERARCHICAL_ROWS), 5000)
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(table) == 1 + len(kept)  # the header and one line a kept row
