@@ -23,7 +23,8 @@ idle machine: the budget is wall-clock time. Rows can also run two at a time, ea
 ran that way. ``--report`` trains nothing: it prints the table of the rows finished in ``--out``
 and names the rows still to run. The rows of issue #26's ablation are gathered, over sessions,
 in ``benchmarks/ablation/hierarchical`` (each row's ``recipe.json`` is committed, its run folder
-is not):
+is not); a second run of the config, trained beside the last row for the machine's run-to-run
+spread, in ``benchmarks/ablation/hierarchical_repeat``:
 
     OMP_NUM_THREADS=1 taskset -c 0 python benchmarks/recipe.py --base hierarchical --data-dir ../shared/data \
         --out benchmarks/ablation/hierarchical --rows ROW

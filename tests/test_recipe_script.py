@@ -89,10 +89,12 @@ def test_report_without_the_first_row_compares_nothing(recipe, tmp_path, capsys)
     assert out.strip().splitlines()[-1] == "still to run: hierarchical"
 
 
-def test_the_committed_ablation_rows_compare(recipe, capsys):
-    """The rows kept in benchmarks/ablation/hierarchical, gathered over sessions, are rows of the
-    table, from one machine, scored with one K: ``--report`` tables them without refusing."""
-    folder = SCRIPT.parent / "ablation" / "hierarchical"
+@pytest.mark.parametrize("name", ["hierarchical", "hierarchical_repeat"])
+def test_the_committed_ablation_rows_compare(recipe, capsys, name):
+    """The rows kept in benchmarks/ablation (the table gathered over sessions, and a second run of
+    the config beside its last row) are rows of the table, from one machine, scored with one K:
+    ``--report`` tables them without refusing."""
+    folder = SCRIPT.parent / "ablation" / name
     kept = sorted(path.parent.name for path in folder.glob("*/recipe.json"))
     assert kept and set(kept) <= set(recipe.HIERARCHICAL_ROWS)
     recipe.report(folder, list(recipe.HIERARCHICAL_ROWS), 5000)
